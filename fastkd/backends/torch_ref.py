@@ -1,0 +1,131 @@
+"""Pure-PyTorch backend: the divergence formulas applied to chunks of rows.
+
+Runs on any device and dtype (float64 included, which makes it the oracle for gradcheck).
+Extra memory is bounded by ``CHUNK_ELEMENTS`` compute-dtype elements per temporary, whatever N is.
+"""
+
+import torch
+
+from .. import divergences
+
+# Elements of one (rows × V) temporary: 4M fp32 elements = 16 MiB, a handful alive at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def compute_dtype(student, teacher):
+    return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+
+
+def _row_chunks(n_rows, n_cols):
+    rows = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    for start in range(0, n_rows, rows):
+        yield start, min(start + rows, n_rows)
+
+
+def _rows(x, start, stop):
+    """Rows [start, stop) of a 2-D (N, V) or 3-D (B, T, V) tensor, as a (rows, V) tensor."""
+    if x.dim() == 2:
+        return x[start:stop]
+    index = torch.arange(start, stop, device=x.device)
+    return x[index // x.shape[1], index % x.shape[1]]  # gathers this chunk only
+
+
+def _active_rows(labels, ignore_index, start, stop):
+    if labels is None:
+        return None
+    return labels[start:stop] != ignore_index
+
+
+# Columns of the (N, 5) per-row statistics saved by the forward for the backward.
+MAX_S, LOG_SUM_S, MAX_T, LOG_SUM_T, AUX = range(5)
+N_STATS = 5
+
+
+def kd_rows_forward(student, teacher, labels, spec, ignore_index):
+    """student, teacher: (N, V) or (B, T, V) logits; labels: (N,) int or None.
+
+    Returns (loss (N,), stats (N, 5)) in the compute dtype: per row the max and log-sum-exp
+    offset of student / T and teacher / T, and the gradient constant ``aux``. Rows whose label
+    is ``ignore_index`` get zeros.
+    """
+    n_cols = student.shape[-1]
+    n_rows = student.numel() // n_cols
+    dtype = compute_dtype(student, teacher)
+    loss = torch.empty(n_rows, dtype=dtype, device=student.device)
+    stats = torch.empty(n_rows, N_STATS, dtype=dtype, device=student.device)
+    inv_t = spec.inv_temperature
+    for start, stop in _row_chunks(n_rows, n_cols):
+        s = _rows(student, start, stop).to(dtype) * inv_t
+        t = _rows(teacher, start, stop).to(dtype) * inv_t
+        max_s, log_sum_s = divergences.log_softmax_parts(s)
+        max_t, log_sum_t = divergences.log_softmax_parts(t)
+        lq = divergences.log_probs(s, max_s, log_sum_s)
+        lp = divergences.log_probs(t, max_t, log_sum_t)
+        row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
+        row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux], dim=1)
+        active = _active_rows(labels, ignore_index, start, stop)
+        if active is not None:
+            row_loss = torch.where(active, row_loss, 0.0)
+            row_stats = torch.where(active[:, None], row_stats, 0.0)
+        loss[start:stop] = row_loss
+        stats[start:stop] = row_stats
+    return loss, stats
+
+
+def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
+    """grad_loss: (N,) ∂output/∂L_row; stats: (N, 5) from the forward.
+    Returns ∂output/∂student: contiguous, the student's shape and dtype."""
+    n_cols = student.shape[-1]
+    n_rows = student.numel() // n_cols
+    dtype = compute_dtype(student, teacher)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad_rows = grad.view(-1, n_cols)
+    inv_t = spec.inv_temperature
+    for start, stop in _row_chunks(n_rows, n_cols):
+        row_stats = stats[start:stop].to(dtype)
+        lq = divergences.log_probs(_rows(student, start, stop).to(dtype) * inv_t,
+                                   row_stats[:, MAX_S], row_stats[:, LOG_SUM_S])
+        lp = divergences.log_probs(_rows(teacher, start, stop).to(dtype) * inv_t,
+                                   row_stats[:, MAX_T], row_stats[:, LOG_SUM_T])
+        g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX])
+        g = g * (grad_loss[start:stop].to(dtype) * inv_t)[:, None]
+        active = _active_rows(labels, ignore_index, start, stop)
+        if active is not None:
+            g = torch.where(active[:, None], g, 0.0)
+        grad_rows[start:stop] = g
+    return grad
+
+
+def kl_div_rows_forward(input, target, log_target):
+    """torch.nn.functional.kl_div's pointwise terms summed per row, in float32 (float64 inputs: float64).
+
+    input: (N, V) log-probabilities; target: (N, V) probabilities (log-probabilities if log_target).
+    Terms where the target probability is 0 are 0, even against input = -inf.
+    """
+    n_cols = input.shape[-1]
+    n_rows = input.numel() // n_cols
+    dtype = compute_dtype(input, target)
+    out = torch.empty(n_rows, dtype=dtype, device=input.device)
+    for start, stop in _row_chunks(n_rows, n_cols):
+        x = _rows(input, start, stop).to(dtype)
+        y = _rows(target, start, stop).to(dtype)
+        if log_target:
+            terms = divergences.safe_weighted(y.exp(), y - x)
+        else:
+            terms = divergences.safe_weighted(y, y.log() - x)
+        out[start:stop] = terms.sum(-1)
+    return out
+
+
+def kl_div_rows_backward(grad_rows, input, target, log_target):
+    """∂/∂input of Σ_rows grad_rows · row_sum = −target_prob · grad_rows: input's shape and dtype."""
+    n_cols = input.shape[-1]
+    n_rows = input.numel() // n_cols
+    dtype = compute_dtype(input, target)
+    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    grad_rows_out = grad.view(-1, n_cols)
+    for start, stop in _row_chunks(n_rows, n_cols):
+        y = _rows(target, start, stop).to(dtype)
+        prob = y.exp() if log_target else y
+        grad_rows_out[start:stop] = -prob * grad_rows[start:stop].to(dtype)[:, None]
+    return grad

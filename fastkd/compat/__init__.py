@@ -1,0 +1,10 @@
+"""Drop-in replacements with the exact signatures of other libraries' losses.
+
+    fastkd.compat.KLDivLoss, fastkd.compat.kl_div      torch.nn.KLDivLoss / F.kl_div
+    fastkd.compat.generalized_jsd_loss                  TRL GKDTrainer.generalized_jsd_loss
+"""
+
+from .torch_kl import KLDivLoss, kl_div
+from .trl import generalized_jsd_loss
+
+__all__ = ["KLDivLoss", "generalized_jsd_loss", "kl_div"]

@@ -1,0 +1,76 @@
+"""Argument checks shared by the public functions. Each raises before any kernel runs and names
+the argument at fault. None of them reads tensor data (no host synchronisation)."""
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_logits(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64); "
+                        f"got {tensor.dtype}")
+    if tensor.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the vocabulary); got a 0-d tensor")
+    if tensor.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+
+
+def check_pair(student_name, student, teacher_name, teacher):
+    """Same shape (hence the same vocabulary) and the same device."""
+    if student.shape != teacher.shape:
+        if student.shape[:-1] == teacher.shape[:-1]:
+            raise ValueError(f"vocabulary sizes differ: {student_name} has V={student.shape[-1]}, "
+                             f"{teacher_name} has V={teacher.shape[-1]}")
+        raise ValueError(f"{teacher_name} shape {tuple(teacher.shape)} does not match "
+                         f"{student_name} shape {tuple(student.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"{student_name} is on {student.device} but {teacher_name} is on {teacher.device}")
+
+
+def check_labels(labels, leading_shape, device):
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None; got {type(labels).__name__}")
+    if labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"labels must be an integer tensor (e.g. torch.long); got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(f"labels must have the logits' leading shape {tuple(leading_shape)}; "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+
+
+def check_ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+
+
+def check_reduction(reduction, normalizer, device):
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
+    if normalizer is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"normalizer replaces the divisor of reduction='mean'; it cannot be combined "
+                         f"with reduction={reduction!r}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must hold one value; got shape {tuple(normalizer.shape)}")
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but the logits are on {device}")
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"normalizer must be a number or a one-element tensor; got {type(normalizer).__name__}")
+    if not normalizer > 0 or normalizer == float("inf"):
+        raise ValueError(f"normalizer must be a finite number > 0; got {normalizer}")
+
+
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
