@@ -4,29 +4,19 @@ import torch
 
 
 def as_rows(x):
-    """(…, V) logits → a 2-D (N, V) or 3-D (B, T, V) tensor over the same memory where possible.
+    """(…, V) logits → (N, V) for inputs of up to two dims, else (B, T, V), over the same memory
+    where possible.
 
     Shifted LLM logits such as ``logits[:, :-1]`` cannot be flattened to (N, V) without a copy;
-    the kernels address such (B, T, V) views directly instead. Other layouts are copied once.
+    the kernels address (B, T, V) tensors directly instead. Tensors of the same shape always get
+    the same layout, so student and teacher rows line up. Rare layouts are copied once.
     """
-    n_cols = x.shape[-1]
-    if x.dim() <= 2:
-        return x.reshape(-1, n_cols)  # a view for 1-D and 2-D inputs
-    if _leading_dims_merge(x, x.dim() - 1):
-        return x.view(-1, n_cols)
-    if x.dim() == 3:
-        return x
-    if _leading_dims_merge(x, x.dim() - 2):
-        return x.view(-1, x.shape[-2], n_cols)
-    return x.reshape(-1, n_cols)
-
-
-def _leading_dims_merge(x, n_dims):
-    """Whether dims 0..n_dims-1 of x can be viewed as one (each stride = next stride × next size)."""
-    for k in range(n_dims - 1):
-        if x.shape[k] != 1 and x.stride(k) != x.stride(k + 1) * x.shape[k + 1]:
-            return False
-    return True
+    if x.dim() <= 3:
+        return x.reshape(-1, x.shape[-1]) if x.dim() <= 2 else x
+    leading = x.dim() - 2
+    if all(x.shape[k] == 1 or x.stride(k) == x.stride(k + 1) * x.shape[k + 1] for k in range(leading - 1)):
+        return x.view(-1, x.shape[-2], x.shape[-1])
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
 def reduce_rows(row_loss, leading_shape, reduction, normalizer=None, labels=None, ignore_index=-100):

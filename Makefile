@@ -1,0 +1,31 @@
+# Two entry points, each setting up .venv on first use:
+#   make test    the test suite (Triton kernels run on the CPU interpreter where no GPU exists)
+#   make bench   the benchmark suite at default sizes on this machine's device
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Machines with an NVIDIA driver get PyTorch's CUDA build; others its small CPU build.
+HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: test bench smoke clean
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/fastkd/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest hypothesis pytest-benchmark matplotlib \
+		pybind11 ninja setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks
+
+smoke: $(VENV)/.installed
+	$(PY) -m benchmarks --smoke
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastkd/_C*.so

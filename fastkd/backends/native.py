@@ -1,0 +1,25 @@
+"""Thin calls into the compiled extension fastkd._C: pointers, sizes, strides, dtype codes."""
+
+import torch
+
+# Must match fastkd::DType in csrc/include/fastkd/dtypes.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def extension():
+    """The loaded fastkd._C module; ImportError (with the reason) when it was not built."""
+    from .. import _C
+
+    return _C
+
+
+def row_logsumexp(x, temperature=1.0):
+    """logsumexp(x / temperature) over the last dim of a (N, V) CPU tensor, as (N,) float32."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        raise ValueError(f"row_logsumexp takes a 2-D CPU tensor; got {x.dim()}-D on {x.device}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"row_logsumexp takes float32, float16, bfloat16 or float64; got {x.dtype}")
+    out = torch.empty(x.shape[0], dtype=torch.float32)
+    extension().row_logsumexp_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], x.shape[1],
+                                  x.stride(0), x.stride(1), 1.0 / temperature, out.data_ptr())
+    return out
