@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logits import _launch_config, _row_layout, _row_offset
+from .rows import launch_config, row_layout, row_offset, row_shape
 
 
 @triton.jit
@@ -20,8 +20,8 @@ def kl_div_rows_forward_kernel(
     LOG_TARGET: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = input_ptr + _row_offset(row, inner, stride_x_outer, stride_x_inner)
-    y_row = target_ptr + _row_offset(row, inner, stride_y_outer, stride_y_inner)
+    x_row = input_ptr + row_offset(row, inner, stride_x_outer, stride_x_inner)
+    y_row = target_ptr + row_offset(row, inner, stride_y_outer, stride_y_inner)
     acc = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -47,7 +47,7 @@ def kl_div_rows_backward_kernel(
     LOG_TARGET: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    y_row = target_ptr + _row_offset(row, inner, stride_y_outer, stride_y_inner)
+    y_row = target_ptr + row_offset(row, inner, stride_y_outer, stride_y_inner)
     g_row = grad_input_ptr + row * V
     scale = -tl.load(grad_rows_ptr + row)
     for start in range(0, V, BLOCK_V):
@@ -63,29 +63,25 @@ def kl_div_rows_backward_kernel(
 
 def kl_div_rows_forward(input, target, log_target):
     """input, target: (N, V) or (B, T, V). Returns the per-row sums, (N,) fp32."""
-    n_cols = input.shape[-1]
-    n_rows = input.numel() // n_cols
-    inner = input.shape[1] if input.dim() == 3 else 1
+    n_rows, n_cols, inner = row_shape(input)
     out = torch.empty(n_rows, dtype=torch.float32, device=input.device)
     if n_rows == 0:
         return out
-    block_v, num_warps = _launch_config(n_cols)
+    block_v, num_warps = launch_config(n_cols)
     kl_div_rows_forward_kernel[(n_rows,)](
-        input, target, out, n_cols, inner, *_row_layout(input), *_row_layout(target),
+        input, target, out, n_cols, inner, *row_layout(input), *row_layout(target),
         LOG_TARGET=log_target, BLOCK_V=block_v, num_warps=num_warps)
     return out
 
 
 def kl_div_rows_backward(grad_rows, input, target, log_target):
     """Returns ∂/∂input: contiguous, input's shape and dtype."""
-    n_cols = input.shape[-1]
-    n_rows = input.numel() // n_cols
-    inner = input.shape[1] if input.dim() == 3 else 1
+    n_rows, n_cols, inner = row_shape(input)
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     if n_rows == 0:
         return grad
-    block_v, num_warps = _launch_config(n_cols)
+    block_v, num_warps = launch_config(n_cols)
     kl_div_rows_backward_kernel[(n_rows,)](
-        grad, target, grad_rows.to(torch.float32).contiguous(), n_cols, inner, *_row_layout(target),
+        grad, target, grad_rows.to(torch.float32).contiguous(), n_cols, inner, *row_layout(target),
         LOG_TARGET=log_target, BLOCK_V=block_v, num_warps=num_warps)
     return grad

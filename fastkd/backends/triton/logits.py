@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rows import launch_config, row_layout, row_offset, row_shape
+
 # Kernel codes of the divergences (constexpr: each divergence compiles its own kernel).
 FORWARD_KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -34,12 +36,6 @@ def _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
         return tl.load(labels_ptr + row) != ignore_index
     else:
         return row >= 0
-
-
-@triton.jit
-def _row_offset(row, inner, stride_outer, stride_inner):
-    # Rows of a (B, T, V) tensor are (row // T, row % T); a 2-D tensor passes inner = 1.
-    return (row // inner) * stride_outer + (row % inner) * stride_inner
 
 
 @triton.jit
@@ -107,8 +103,8 @@ def kd_single_pass_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     active = _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS)
     n_live = tl.where(active, V, 0)  # ignored rows read nothing
-    s_row = student_ptr + _row_offset(row, inner, stride_s_outer, stride_s_inner)
-    t_row = teacher_ptr + _row_offset(row, inner, stride_t_outer, stride_t_inner)
+    s_row = student_ptr + row_offset(row, inner, stride_s_outer, stride_s_inner)
+    t_row = teacher_ptr + row_offset(row, inner, stride_t_outer, stride_t_inner)
 
     # "a" is the distribution that weights the sum (teacher for KL(p‖q), student for KL(q‖p)).
     # acc = Σ exp(a − m_a)·((a − m_a) − (b − m_b)) stays shifted by the running maxima, so the
@@ -163,8 +159,8 @@ def kd_two_pass_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     active = _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS)
     n_live = tl.where(active, V, 0)  # ignored rows read nothing
-    s_row = student_ptr + _row_offset(row, inner, stride_s_outer, stride_s_inner)
-    t_row = teacher_ptr + _row_offset(row, inner, stride_t_outer, stride_t_inner)
+    s_row = student_ptr + row_offset(row, inner, stride_s_outer, stride_s_inner)
+    t_row = teacher_ptr + row_offset(row, inner, stride_t_outer, stride_t_inner)
 
     m_s = NEG_START
     z_s = 0.0
@@ -224,8 +220,8 @@ def kd_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     active = _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS)
     n_live = tl.where(active, V, 0)  # ignored rows read nothing
-    s_row = student_ptr + _row_offset(row, inner, stride_s_outer, stride_s_inner)
-    t_row = teacher_ptr + _row_offset(row, inner, stride_t_outer, stride_t_inner)
+    s_row = student_ptr + row_offset(row, inner, stride_s_outer, stride_s_inner)
+    t_row = teacher_ptr + row_offset(row, inner, stride_t_outer, stride_t_inner)
     g_row = grad_student_ptr + row * V  # the gradient is allocated contiguous
     base = stats_ptr + row * N_STATS
     m_s = tl.load(base + 0)
@@ -262,37 +258,21 @@ def kd_backward_kernel(
         tl.store(g_row + cols, g.to(grad_student_ptr.dtype.element_ty), mask=in_row)
 
 
-def _row_layout(x):
-    """(stride_outer, stride_inner, stride_col) of the rows of a 2-D (N, V) or 3-D (B, T, V) tensor."""
-    if x.dim() == 2:
-        return x.stride(0), 0, x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _launch_config(n_cols):
-    # Blocks of up to 4096 columns keep ~16 fp32 values per thread and tensor at 8 warps.
-    block_v = min(4096, max(16, triton.next_power_of_2(n_cols)))
-    num_warps = 8 if block_v >= 2048 else 4
-    return block_v, num_warps
-
-
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V), fp32|fp16|bf16, one device; labels: (N,) int or None.
 
     Returns (loss (N,), stats (N, 5)) in fp32, zeros on ignored rows (stats as in torch_ref.py).
     """
-    n_cols = student.shape[-1]
-    n_rows = student.numel() // n_cols
-    inner = student.shape[1] if student.dim() == 3 else 1
+    n_rows, n_cols, inner = row_shape(student)
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(n_rows, N_STATS, dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return loss, stats
-    block_v, num_warps = _launch_config(n_cols)
+    block_v, num_warps = launch_config(n_cols)
     common = dict(HAS_LABELS=labels is not None, BLOCK_V=block_v, num_warps=num_warps)
     labels_arg = labels if labels is not None else loss  # never read without HAS_LABELS
-    args = (student, teacher, labels_arg, loss, stats, n_cols, inner, *_row_layout(student),
-            *_row_layout(teacher), spec.inv_temperature, ignore_index)
+    args = (student, teacher, labels_arg, loss, stats, n_cols, inner, *row_layout(student),
+            *row_layout(teacher), spec.inv_temperature, ignore_index)
     if spec.name in ("forward_kl", "reverse_kl"):
         kd_single_pass_forward_kernel[(n_rows,)](*args, REVERSE=spec.name == "reverse_kl", **common)
     else:
@@ -305,17 +285,15 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
     """grad_loss: (N,) fp32; stats: (N, 5) fp32 from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
-    n_cols = student.shape[-1]
-    n_rows = student.numel() // n_cols
-    inner = student.shape[1] if student.dim() == 3 else 1
+    n_rows, n_cols, inner = row_shape(student)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     if n_rows == 0:
         return grad
-    block_v, num_warps = _launch_config(n_cols)
+    block_v, num_warps = launch_config(n_cols)
     grad_loss = grad_loss.to(torch.float32).contiguous()  # autograd often hands in an expanded scalar
     kd_backward_kernel[(n_rows,)](
         grad, student, teacher, labels if labels is not None else grad_loss, grad_loss, stats,
-        n_cols, inner, *_row_layout(student), *_row_layout(teacher), spec.inv_temperature, ignore_index,
+        n_cols, inner, *row_layout(student), *row_layout(teacher), spec.inv_temperature, ignore_index,
         spec.param, spec.log_param, spec.log1m_param,
         DIVERGENCE=DIVERGENCE_CODES[spec.name], HAS_LABELS=labels is not None,
         BLOCK_V=block_v, num_warps=num_warps)
