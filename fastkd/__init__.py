@@ -3,9 +3,10 @@
 from . import compat
 from .backends import available_backends
 from .divergences import DIVERGENCES
-from .functional import kd_loss
-from .modules import KDLoss
+from .functional import fused_linear_kd_loss, kd_loss
+from .modules import FusedLinearKDLoss, KDLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["DIVERGENCES", "KDLoss", "available_backends", "compat", "kd_loss"]
+__all__ = ["DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "available_backends", "compat", "fused_linear_kd_loss",
+           "kd_loss"]

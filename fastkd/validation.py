@@ -74,3 +74,38 @@ def check_reduction(reduction, normalizer, device):
 def check_flag(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+
+
+def check_linear(hidden_name, hidden, weight_name, weight, bias_name, bias):
+    """hidden (…, H) and weight (V, H) of one model, and its optional bias (V,): floating point,
+    same dtype and device."""
+    check_logits(hidden_name, hidden)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{weight_name} must be a torch.Tensor; got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be 2-D (V, H); got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{weight_name} has H={weight.shape[1]} columns but {hidden_name} has "
+                         f"H={hidden.shape[-1]}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} has no rows (V = 0)")
+    for name, tensor in ((weight_name, weight), (bias_name, bias)):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but {hidden_name} is on {hidden.device}")
+        if tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but {hidden_name} has {hidden.dtype}; "
+                            "cast one of them")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},) to match {weight_name}; "
+                         f"got {tuple(bias.shape)}")
+
+
+def check_finite_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number; got {type(value).__name__}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite; got {value}")

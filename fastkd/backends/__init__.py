@@ -118,12 +118,15 @@ _LAUNCHERS = {
     ("torch", "kl_div"): "fastkd.backends.torch_ref",
     ("triton", "kd_rows"): "fastkd.backends.triton.logits",
     ("triton", "kl_div"): "fastkd.backends.triton.kl_div",
+    ("torch", "ce"): "fastkd.backends.torch_ref",
+    ("triton", "ce"): "fastkd.backends.triton.cross_entropy",
 }
 
 
 def launcher(name, family="kd_rows"):
     """The module holding a backend's launchers for an op family (``kd_rows``: ``kd_rows_forward``
-    and ``kd_rows_backward``; ``kl_div``: ``kl_div_rows_forward`` and ``kl_div_rows_backward``)."""
+    and ``kd_rows_backward``; ``kl_div``: ``kl_div_rows_forward`` and ``kl_div_rows_backward``;
+    ``ce``: ``ce_rows_forward`` and ``ce_rows_backward``)."""
     try:
         return importlib.import_module(_LAUNCHERS[name, family])
     except KeyError:

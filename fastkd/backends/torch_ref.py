@@ -4,6 +4,8 @@ Runs on any device and dtype (float64 included, which makes it the oracle for gr
 Extra memory is bounded by ``CHUNK_ELEMENTS`` compute-dtype elements per temporary, whatever N is.
 """
 
+import math
+
 import torch
 
 from .. import divergences
@@ -131,3 +133,41 @@ def kl_div_rows_backward(grad_rows, input, target, log_target):
         prob = y.exp() if log_target else y
         grad_rows_out[start:stop] = -prob * grad_rows[start:stop].to(dtype)[:, None]
     return grad
+
+
+def ce_rows_forward(logits, labels, ignore_index):
+    """Hard-label cross-entropy per row at temperature 1.
+
+    logits: (N, V); labels: (N,) int. Returns (loss (N,), stats (N, 2): max and log-sum-exp
+    offset) in the compute dtype; ignored rows get zeros, out-of-range labels NaN.
+    """
+    n_rows, n_cols = logits.shape
+    dtype = compute_dtype(logits, logits)
+    loss = torch.empty(n_rows, dtype=dtype, device=logits.device)
+    stats = torch.empty(n_rows, 2, dtype=dtype, device=logits.device)
+    for start, stop in _row_chunks(n_rows, n_cols):
+        x = logits[start:stop].to(dtype)
+        label = labels[start:stop]
+        row_max, log_sum = divergences.log_softmax_parts(x)
+        in_range = (label >= 0) & (label < n_cols)
+        picked = x.gather(1, torch.where(in_range, label, 0)[:, None])[:, 0]
+        row_loss = torch.where(in_range, (row_max - picked) + log_sum, math.nan)
+        active = label != ignore_index
+        loss[start:stop] = torch.where(active, row_loss, 0.0)
+        stats[start:stop] = torch.where(active[:, None], torch.stack([row_max, log_sum], 1), 0.0)
+    return loss, stats
+
+
+def ce_rows_backward(grad_loss, logits, labels, stats, ignore_index, out):
+    """Adds grad_loss_i · (softmax(logits_i) − onehot(label_i)) into ``out`` (N, V), in place."""
+    n_rows, n_cols = logits.shape
+    dtype = compute_dtype(logits, logits)
+    for start, stop in _row_chunks(n_rows, n_cols):
+        x = logits[start:stop].to(dtype)
+        label = labels[start:stop]
+        row_stats = stats[start:stop].to(dtype)
+        g = divergences.log_probs(x, row_stats[:, 0], row_stats[:, 1]).exp()
+        g.scatter_add_(1, label.clamp(0, n_cols - 1)[:, None], -torch.ones_like(g[:, :1]))
+        scale = torch.where(label != ignore_index, grad_loss[start:stop].to(dtype), 0.0)
+        out[start:stop] += (g * scale[:, None]).to(out.dtype)
+    return out

@@ -1,0 +1,144 @@
+"""Custom ops for the fused linear KD loss: schema, fake impls, autograd.
+
+Two forms share backends/fused_linear.py:
+  * ``fused_linear_kd_weighted``: for scalar reductions. The forward already knows each row's
+    weight in the final loss, so it computes the gradients while the logit blocks are at hand
+    (four GEMMs in all) and the backward only scales them by the incoming scalar.
+  * ``fused_linear_kd_rows``: per-row losses (reduction="none"). An arbitrary grad_output is only
+    known in the backward, which recomputes the logit blocks (two more GEMMs).
+"""
+
+from typing import Optional
+
+import torch
+
+from ..backends import fused_linear
+from ..divergences import DivergenceSpec
+
+Tensor = torch.Tensor
+
+
+def _options(divergence, temperature, param, ignore_index, with_hard, backend):
+    return fused_linear.FusedLinearOptions(DivergenceSpec(divergence, temperature, param), ignore_index,
+                                           with_hard, backend)
+
+
+def _row_dtype(hidden):
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _or_empty(grads, like):
+    # Custom ops return tensors, never None; gradients not asked for travel as distinct empties.
+    return tuple(like.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@torch.library.custom_op("fastkd::fused_linear_kd_weighted", mutates_args=())
+def fused_linear_kd_weighted(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    labels: Optional[Tensor], soft_scale: Tensor, hard_scale: Tensor,
+    divergence: str, temperature: float, param: float, ignore_index: int, with_hard: bool, backend: str,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss = Σ soft_scale·soft + hard_scale·hard, soft (N,), hard (N,), grad_hidden,
+    grad_weight, grad_bias); a gradient not needed is an empty tensor."""
+    options = _options(divergence, temperature, param, ignore_index, with_hard, backend)
+    soft, hard, grad_hidden, grad_weight, grad_bias = fused_linear.run(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+        options, soft_scale, hard_scale, (need_hidden, need_weight, need_bias))
+    loss = (soft * soft_scale.to(soft.dtype)).sum() + (hard * hard_scale.to(hard.dtype)).sum()
+    return (loss, soft, hard, *_or_empty((grad_hidden, grad_weight, grad_bias), soft))
+
+
+@fused_linear_kd_weighted.register_fake
+def _weighted_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   labels, soft_scale, hard_scale, divergence, temperature, param, ignore_index, with_hard,
+                   backend, need_hidden, need_weight, need_bias):
+    dtype = _row_dtype(student_hidden)
+    n_rows = student_hidden.shape[0]
+    grads = _or_empty((student_hidden.new_empty(student_hidden.shape) if need_hidden else None,
+                       student_weight.new_empty(student_weight.shape) if need_weight else None,
+                       student_bias.new_empty(student_bias.shape) if need_bias else None),
+                      student_hidden.new_empty(0, dtype=dtype))
+    return (student_hidden.new_empty((), dtype=dtype), student_hidden.new_empty(n_rows, dtype=dtype),
+            student_hidden.new_empty(n_rows, dtype=dtype), *grads)
+
+
+def _weighted_setup(ctx, inputs, output):
+    ctx.needs = inputs[-3:]
+    ctx.save_for_backward(*output[3:])
+
+
+def _weighted_backward(ctx, grad_loss, *unused):
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs
+    return (grad_loss * grad_hidden if need_hidden else None,
+            grad_loss * grad_weight if need_weight else None,
+            grad_loss * grad_bias if need_bias else None,
+            *([None] * 15))
+
+
+fused_linear_kd_weighted.register_autograd(_weighted_backward, setup_context=_weighted_setup)
+
+
+@torch.library.custom_op("fastkd::fused_linear_kd_rows", mutates_args=())
+def fused_linear_kd_rows(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    labels: Optional[Tensor], divergence: str, temperature: float, param: float, ignore_index: int,
+    with_hard: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns per-row (soft, hard) losses, (N,) each."""
+    options = _options(divergence, temperature, param, ignore_index, with_hard, backend)
+    soft, hard, *_ = fused_linear.run(student_hidden, student_weight, student_bias, teacher_hidden,
+                                      teacher_weight, teacher_bias, labels, options)
+    return soft, hard
+
+
+@fused_linear_kd_rows.register_fake
+def _rows_fake(student_hidden, *args):
+    dtype = _row_dtype(student_hidden)
+    n_rows = student_hidden.shape[0]
+    return student_hidden.new_empty(n_rows, dtype=dtype), student_hidden.new_empty(n_rows, dtype=dtype)
+
+
+@torch.library.custom_op("fastkd::fused_linear_kd_rows_backward", mutates_args=())
+def fused_linear_kd_rows_backward(
+    grad_soft: Tensor, grad_hard: Tensor,
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    labels: Optional[Tensor], divergence: str, temperature: float, param: float, ignore_index: int,
+    with_hard: bool, backend: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Recomputes the logit blocks; returns (grad_hidden, grad_weight, grad_bias), empty where not needed."""
+    options = _options(divergence, temperature, param, ignore_index, with_hard, backend)
+    _, _, grad_hidden, grad_weight, grad_bias = fused_linear.run(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+        options, grad_soft, grad_hard, (need_hidden, need_weight, need_bias))
+    return _or_empty((grad_hidden, grad_weight, grad_bias), student_hidden)
+
+
+@fused_linear_kd_rows_backward.register_fake
+def _rows_backward_fake(grad_soft, grad_hard, student_hidden, student_weight, student_bias, *args):
+    need_hidden, need_weight, need_bias = args[-3:]
+    return _or_empty((student_hidden.new_empty(student_hidden.shape) if need_hidden else None,
+                      student_weight.new_empty(student_weight.shape) if need_weight else None,
+                      student_bias.new_empty(student_bias.shape) if need_bias else None), student_hidden)
+
+
+def _rows_setup(ctx, inputs, output):
+    tensors, options = inputs[:7], inputs[7:]
+    ctx.save_for_backward(*tensors)
+    ctx.options = options
+    ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 tensors[2] is not None and ctx.needs_input_grad[2])
+
+
+def _rows_backward(ctx, grad_soft, grad_hard):
+    tensors = ctx.saved_tensors
+    grads = fused_linear_kd_rows_backward(grad_soft.contiguous(), grad_hard.contiguous(), *tensors, *ctx.options,
+                                          *ctx.needs)
+    return (*(grad if need else None for grad, need in zip(grads, ctx.needs)), *([None] * 10))
+
+
+fused_linear_kd_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
