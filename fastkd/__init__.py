@@ -3,10 +3,10 @@
 from . import compat
 from .backends import available_backends
 from .divergences import DIVERGENCES
-from .functional import fused_linear_kd_loss, kd_loss
+from .functional import fused_linear_kd_loss, fused_linear_sparse_kd_loss, kd_loss, sparse_kd_loss
 from .modules import FusedLinearKDLoss, KDLoss
 
 __version__ = "0.1.0"
 
 __all__ = ["DIVERGENCES", "FusedLinearKDLoss", "KDLoss", "available_backends", "compat", "fused_linear_kd_loss",
-           "kd_loss"]
+           "fused_linear_sparse_kd_loss", "kd_loss", "sparse_kd_loss"]

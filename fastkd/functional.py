@@ -5,7 +5,8 @@ import torch
 from . import validation
 from .backends import resolve_backend
 from .divergences import make_spec
-from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows
+from .backends.sparse_teacher import MISSING_MASS, SPARSE_DIVERGENCES
+from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
 from .reduction import as_rows, reduce_rows, row_weight
 
 
@@ -107,6 +108,16 @@ def fused_linear_kd_loss(
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none".
     """
+    return _fused_linear(*_checked_dense_arguments(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+        soft_weight, hard_weight, vocab_size, divergence, temperature, beta, skew, temperature_squared,
+        ignore_index, reduction, normalizer, backend))
+
+
+def _checked_dense_arguments(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                             teacher_bias, soft_weight, hard_weight, vocab_size, divergence, temperature, beta, skew,
+                             temperature_squared, ignore_index, reduction, normalizer, backend):
+    """Checks fused_linear_kd_loss's arguments; returns _fused_linear's positional arguments."""
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     validation.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
@@ -131,16 +142,27 @@ def fused_linear_kd_loss(
     spec = make_spec(divergence, temperature, beta, skew)
     backend = resolve_backend(backend, device, (student_hidden.dtype, teacher_hidden.dtype))
 
-    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
     teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
+    teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
+    return (student_hidden, student_weight, student_bias, teacher, labels, spec, "renormalize", soft_weight,
+            hard_weight, temperature_squared, ignore_index, reduction, normalizer, backend)
+
+
+def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, spec, missing_mass, soft_weight,
+                  hard_weight, temperature_squared, ignore_index, reduction, normalizer, backend,
+                  with_components=False):
+    """The op call shared by the dense and sparse fused losses, once the arguments are checked.
+    teacher: (hidden, weight, bias, indices, logprobs) with the unused ones None. With
+    ``with_components`` (scalar reductions) also returns the reduced soft and hard terms, detached."""
+    device = student_hidden.device
+    leading_shape = student_hidden.shape[:-1]
+    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     with_hard = hard_weight != 0
     soft_factor = soft_weight * (spec.temperature ** 2 if temperature_squared else 1.0)
-    inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-              flat_labels)
-    options = (spec.name, spec.temperature, spec.param, ignore_index, with_hard, backend)
+    inputs = (student_hidden, student_weight, student_bias, *teacher, flat_labels)
+    options = (spec.name, spec.temperature, spec.param, missing_mass, ignore_index, with_hard, backend)
 
     if reduction == "none":
         soft, hard = fused_linear_kd_rows(*inputs, *options)
@@ -154,7 +176,10 @@ def fused_linear_kd_loss(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
              grad_on and student_bias is not None and student_bias.requires_grad)
-    return fused_linear_kd_weighted(*inputs, soft_scale, hard_scale, *options, *needs)[0]
+    loss, soft, hard, *_ = fused_linear_kd_weighted(*inputs, soft_scale, hard_scale, *options, *needs)
+    if not with_components:
+        return loss
+    return loss, (soft.sum() * weight).detach(), (hard.sum() * weight).detach()
 
 
 def _check_vocab_size(vocab_size, student_vocab, teacher_vocab):
@@ -182,3 +207,123 @@ def _broadcast_rows(value, n_rows, dtype, device):
     if isinstance(value, torch.Tensor):
         return value.reshape(1).expand(n_rows)
     return torch.full((n_rows,), value, dtype=dtype, device=device)
+
+
+def sparse_kd_loss(
+    student_logits,
+    teacher_indices,
+    teacher_logprobs,
+    *,
+    divergence="forward_kl",
+    temperature=1.0,
+    missing_mass="renormalize",
+    temperature_squared=False,
+    labels=None,
+    ignore_index=-100,
+    reduction="mean",
+    normalizer=None,
+    validate=True,
+    backend="auto",
+):
+    """Divergence between the student and a sparse (top-k, offline) teacher.
+
+    Args:
+        student_logits: (…, V) fp32|fp16|bf16|fp64. Receives the gradient.
+        teacher_indices: (…, k) int, the teacher's top-k token ids per row (distinct, in [0, V)).
+        teacher_logprobs: (…, k) float, their log-probabilities under the teacher (as stored by
+            offline runs or returned by inference servers).
+        divergence: "forward_kl" KL(p‖q) or "reverse_kl" KL(q‖p).
+        missing_mass: "renormalize": both distributions restricted to the top-k support and
+            renormalised there; "tail": the teacher's leftover mass 1 − Σp is one more bucket,
+            compared with the student's mass outside the support (temperature must be 1).
+            See fastkd/backends/sparse_teacher.py.
+        temperature: divides the student logits and the teacher log-probs.
+        validate: check the ids and log-probs' values (out of range, repeated ids, positive
+            log-probs). This reads them on the host: one synchronisation; pass False in hot loops
+            once the data is trusted.
+        backend: "auto" or "torch": this loss has only the pure-PyTorch (row-chunked) implementation.
+        The other options are those of :func:`kd_loss`.
+    """
+    validation.check_logits("student_logits", student_logits)
+    leading_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    spec = _sparse_spec(divergence, temperature, missing_mass)
+    validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, student_logits.device,
+                                    validate)
+    validation.check_labels(labels, leading_shape, student_logits.device)
+    validation.check_ignore_index(ignore_index)
+    validation.check_reduction(reduction, normalizer, student_logits.device)
+    validation.check_flag("temperature_squared", temperature_squared)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"sparse_kd_loss runs on backend='torch' only in this version; got backend={backend!r}")
+
+    top_k = teacher_indices.shape[-1]
+    flat_labels = None if labels is None else labels.reshape(-1).contiguous()
+    row_loss = sparse_kd_rows(student_logits.reshape(-1, vocab), teacher_indices.reshape(-1, top_k),
+                              teacher_logprobs.reshape(-1, top_k), flat_labels, spec.name, spec.temperature,
+                              missing_mass, ignore_index)
+    if temperature_squared:
+        row_loss = row_loss * (spec.temperature ** 2)
+    return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+
+
+def fused_linear_sparse_kd_loss(
+    student_hidden,
+    student_weight,
+    teacher_indices,
+    teacher_logprobs,
+    labels=None,
+    *,
+    student_bias=None,
+    soft_weight=1.0,
+    hard_weight=0.0,
+    vocab_size=None,
+    divergence="forward_kl",
+    temperature=1.0,
+    missing_mass="renormalize",
+    temperature_squared=False,
+    ignore_index=-100,
+    reduction="mean",
+    normalizer=None,
+    validate=True,
+    backend="auto",
+):
+    """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
+    student logits are formed block by block from ``student_hidden`` (…, Hs) and
+    ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it."""
+    validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
+                            "student_bias", student_bias)
+    device = student_hidden.device
+    leading_shape = student_hidden.shape[:-1]
+    vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
+    spec = _sparse_spec(divergence, temperature, missing_mass)
+    validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
+    validation.check_labels(labels, leading_shape, device)
+    validation.check_ignore_index(ignore_index)
+    validation.check_reduction(reduction, normalizer, device)
+    validation.check_flag("temperature_squared", temperature_squared)
+    validation.check_finite_number("soft_weight", soft_weight)
+    validation.check_finite_number("hard_weight", hard_weight)
+    if hard_weight != 0 and labels is None:
+        raise ValueError("labels are required when hard_weight is not 0 (the hard term is cross-entropy "
+                         "against them)")
+    backend = resolve_backend(backend, device, (student_hidden.dtype, teacher_logprobs.dtype))
+
+    student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+    top_k = teacher_indices.shape[-1]
+    teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
+    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, spec, missing_mass,
+                         soft_weight, hard_weight, temperature_squared, ignore_index, reduction, normalizer, backend)
+
+
+def _sparse_spec(divergence, temperature, missing_mass):
+    if divergence not in SPARSE_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)} with a sparse teacher; "
+                         f"got {divergence!r}")
+    if missing_mass not in MISSING_MASS:
+        raise ValueError(f"missing_mass must be one of {', '.join(map(repr, MISSING_MASS))}; got {missing_mass!r}")
+    spec = make_spec(divergence, temperature)
+    if missing_mass == "tail" and spec.temperature != 1.0:
+        raise ValueError(f"missing_mass='tail' needs temperature=1 (the teacher's leftover mass at another "
+                         f"temperature is unknown from its top-k); got temperature={temperature}")
+    return spec

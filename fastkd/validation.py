@@ -109,3 +109,39 @@ def check_finite_number(name, value):
         raise TypeError(f"{name} must be a Python number; got {type(value).__name__}")
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite; got {value}")
+
+
+def check_sparse_teacher(indices, logprobs, leading_shape, vocab, device, validate):
+    """Top-k teacher: ids (…, k) and log-probabilities (…, k) for the rows of shape ``leading_shape``.
+
+    With ``validate``, also reads the ids and log-probs (one host synchronisation) to reject ids
+    outside [0, vocab), repeated ids in a row, NaN or positive log-probabilities."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"teacher_indices must be a torch.Tensor; got {type(indices).__name__}")
+    if indices.dtype not in _INT_DTYPES:
+        raise TypeError(f"teacher_indices must be an integer tensor of token ids; got {indices.dtype}")
+    if not isinstance(logprobs, torch.Tensor):
+        raise TypeError(f"teacher_logprobs must be a torch.Tensor; got {type(logprobs).__name__}")
+    if logprobs.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"teacher_logprobs must be a floating-point tensor; got {logprobs.dtype}")
+    if indices.dim() != len(leading_shape) + 1 or indices.shape[:-1] != leading_shape:
+        raise ValueError(f"teacher_indices must have shape (*{tuple(leading_shape)}, k); got {tuple(indices.shape)}")
+    if logprobs.shape != indices.shape:
+        raise ValueError(f"teacher_logprobs shape {tuple(logprobs.shape)} does not match teacher_indices shape "
+                         f"{tuple(indices.shape)}")
+    top_k = indices.shape[-1]
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"teacher_indices has k={top_k} entries per row; k must lie in [1, V={vocab}]")
+    for name, tensor in (("teacher_indices", indices), ("teacher_logprobs", logprobs)):
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but the student is on {device}")
+    if not validate or indices.numel() == 0:
+        return
+    if bool(indices.min() < 0) or bool(indices.max() >= vocab):
+        raise ValueError(f"teacher_indices holds token ids outside [0, {vocab}): min {int(indices.min())}, "
+                         f"max {int(indices.max())}")
+    ordered = indices.sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("teacher_indices repeats a token id within a row; each row's top-k ids must be distinct")
+    if bool(torch.isnan(logprobs).any()) or bool((logprobs > 1e-3).any()):
+        raise ValueError("teacher_logprobs must be log-probabilities (≤ 0, no NaN)")

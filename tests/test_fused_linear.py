@@ -169,10 +169,11 @@ def test_opcheck_and_compile(backend):
     labels = torch.tensor([1, -100, 3], device=DEVICE)
     scale = torch.full((3,), 0.5, device=DEVICE)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_weighted.default,
-                          (sh, sw, None, th, tw, None, labels, scale, scale, "jsd", 2.0, 0.3, -100, True, backend,
-                           True, True, False))
+                          (sh, sw, None, th, tw, None, None, None, labels, scale, scale, "jsd", 2.0, 0.3,
+                           "renormalize", -100, True, backend, True, True, False))
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_rows.default,
-                          (sh, sw, None, th, tw, None, labels, "forward_kl", 1.0, 0.0, -100, True, backend))
+                          (sh, sw, None, th, tw, None, None, None, labels, "forward_kl", 1.0, 0.0, "renormalize",
+                           -100, True, backend))
 
     def step(sh, sw, th, tw, labels):
         return fastkd.fused_linear_kd_loss(sh, sw, th, tw, labels, hard_weight=0.5, backend=backend)

@@ -44,7 +44,6 @@ CASES = [
     (dict(ignore_index=1.5), TypeError, ["ignore_index", "int"]),
     (dict(temperature_squared=1), TypeError, ["temperature_squared", "bool"]),
     (dict(backend="fast"), ValueError, ["backend", "'auto'", "'torch'", "'triton'"]),
-    (dict(backend="cuda"), ValueError, ["backend='cuda'", "not available", "Usable"]),
     (dict(student_logits=torch.randn(3, 11, dtype=torch.float64), backend="triton"), ValueError,
      ["backend='triton'", "float64"]),
 ]
@@ -80,12 +79,15 @@ def test_labels_on_another_device_are_rejected():
         fastkd.kd_loss(student, teacher, labels=torch.zeros(2, dtype=torch.long))
 
 
-def test_unavailable_backend_says_which_are():
-    status = fastkd.available_backends()
-    reason = status["cpu"].reason
+def test_unavailable_backend_says_why_and_which_are_usable():
+    unavailable = [status for status in fastkd.available_backends().values() if not status.available]
+    if not unavailable:
+        pytest.skip("every backend is available on this machine")
     with pytest.raises(ValueError) as info:
-        fastkd.kd_loss(*_pair(), backend="cpu")
-    assert reason in str(info.value) and "'torch'" in str(info.value)
+        fastkd.kd_loss(*_pair(), backend=unavailable[0].name)
+    message = str(info.value)
+    assert f"backend={unavailable[0].name!r}" in message and "not available" in message
+    assert unavailable[0].reason in message and "'torch'" in message
 
 
 def test_module_rejects_bad_options_at_construction():

@@ -1,19 +1,19 @@
 """Vocabulary-chunked distillation from hidden states: the GEMMs and the per-block losses.
 
-Tokens are processed in blocks of C rows. For each block the teacher and student logits (C, V)
-are formed with one matmul each (tensor cores on a GPU); a logits backend (Triton kernels or the
-torch reference) computes the divergence rows, the optional hard-label cross-entropy rows and,
-when gradients are wanted, ∂/∂(student logits) for the block; that gradient block is at once
-contracted into grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is
-ever allocated: the workspace is three (C, V) blocks, C chosen from a fixed element budget.
+Tokens are processed in blocks of C rows. For each block the student logits (C, V) are formed
+with one matmul (tensor cores on a GPU); the teacher of the block (dense: its own matmul and a
+logits backend, Triton kernels or the torch reference; sparse: top-k ids and log-probs) gives the
+divergence rows and, when gradients are wanted, ∂/∂(student logits); the optional hard-label
+cross-entropy adds its rows and gradient; the gradient block is at once contracted into
+grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is ever allocated:
+the workspace is three (C, V) blocks, C chosen from a fixed element budget.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from . import launcher
-from ..divergences import DivergenceSpec
+from . import launcher, sparse_teacher
 
 # Elements of one (C, V) logit block: 64M on a GPU (128 MiB in bf16, GEMMs of ≥ 512 rows at
 # V = 128k), 2M on the CPU, where the torch backend's fp32 temporaries dominate.
@@ -22,10 +22,38 @@ BLOCK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 21}
 
 @dataclass(frozen=True)
 class FusedLinearOptions:
-    spec: DivergenceSpec
     ignore_index: int
     with_hard: bool  # also compute hard-label cross-entropy rows (needs labels)
     backend: str  # logits backend for the kd_rows and ce families
+
+
+class DenseTeacher:
+    """Teacher hidden states (N, Ht) and lm_head (V, Ht) (+ bias): logit blocks by matmul."""
+
+    def __init__(self, hidden, weight, bias, spec, options):
+        self.hidden, self.weight, self.bias, self.spec, self.options = hidden, weight, bias, spec, options
+        self.kd = launcher(options.backend, "kd_rows")
+
+    def block(self, start, stop, student_logits, labels, scale):
+        teacher_logits = _logits(self.hidden[start:stop], self.weight, self.bias)
+        ignore_index = self.options.ignore_index
+        soft, stats = self.kd.kd_rows_forward(student_logits, teacher_logits, labels, self.spec, ignore_index)
+        if scale is None:
+            return soft, None
+        return soft, self.kd.kd_rows_backward(scale, student_logits, teacher_logits, labels, stats, self.spec,
+                                              ignore_index)
+
+
+class SparseTeacher:
+    """Top-k teacher: token ids (N, k) and log-probabilities (N, k); see sparse_teacher.py."""
+
+    def __init__(self, indices, logprobs, spec, missing_mass, options):
+        self.indices, self.logprobs, self.spec = indices, logprobs, spec
+        self.missing_mass, self.options = missing_mass, options
+
+    def block(self, start, stop, student_logits, labels, scale):
+        return sparse_teacher.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop],
+                                         labels, self.spec, self.missing_mass, self.options.ignore_index, scale)
 
 
 def block_rows(n_rows, vocab, device):
@@ -44,21 +72,21 @@ def _ce_launcher(backend):
         return launcher("torch", "ce")
 
 
-def run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-        labels, options, soft_scale=None, hard_scale=None, need=(False, False, False)):
+def run(student_hidden, student_weight, student_bias, teacher, labels, options, soft_scale=None,
+        hard_scale=None, need=(False, False, False)):
     """Per-row soft (divergence) and hard (cross-entropy) losses and, optionally, gradients.
 
-    student_hidden: (N, Hs); student_weight: (V, Hs); teacher_hidden: (N, Ht); teacher_weight:
-    (V, Ht); biases: (V,) or None; labels: (N,) int or None. With soft_scale and hard_scale (N,)
-    given, also returns the gradients of Σ soft_scale·soft + hard_scale·hard with respect to the
-    student hidden states, weight and bias, each only where ``need`` says so (else None).
+    student_hidden: (N, Hs); student_weight: (V, Hs); student_bias: (V,) or None; teacher: a
+    DenseTeacher or SparseTeacher over the same N rows; labels: (N,) int or None. With soft_scale
+    and hard_scale (N,) given, also returns the gradients of Σ soft_scale·soft + hard_scale·hard
+    with respect to the student hidden states, weight and bias, each only where ``need`` says so
+    (else None).
     Returns (soft_rows (N,), hard_rows (N,), grad_hidden, grad_weight, grad_bias).
     """
     n_rows = student_hidden.shape[0]
     vocab = student_weight.shape[0]
-    kd = launcher(options.backend, "kd_rows")
     ce = _ce_launcher(options.backend)
-    spec, ignore_index = options.spec, options.ignore_index
+    ignore_index = options.ignore_index
     want_grad = soft_scale is not None
     need_hidden, need_weight, need_bias = need if want_grad else (False, False, False)
     grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
@@ -72,8 +100,8 @@ def run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_we
         hidden = student_hidden[start:stop]
         block_labels = None if labels is None else labels[start:stop]
         student_logits = _logits(hidden, student_weight, student_bias)
-        teacher_logits = _logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
-        soft, stats = kd.kd_rows_forward(student_logits, teacher_logits, block_labels, spec, ignore_index)
+        block_scale = None if soft_scale is None else soft_scale[start:stop]
+        soft, grad_logits = teacher.block(start, stop, student_logits, block_labels, block_scale)
         if soft_rows is None:
             soft_rows = soft.new_empty(n_rows)
             hard_rows = soft.new_zeros(n_rows)
@@ -83,9 +111,6 @@ def run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_we
             hard_rows[start:stop] = hard
         if not want_grad:
             continue
-        grad_logits = kd.kd_rows_backward(soft_scale[start:stop], student_logits, teacher_logits, block_labels,
-                                          stats, spec, ignore_index)
-        del teacher_logits
         if options.with_hard:
             ce.ce_rows_backward(hard_scale[start:stop], student_logits, block_labels, ce_stats, ignore_index,
                                 out=grad_logits)

@@ -1,0 +1,126 @@
+"""Sparse (top-k) teacher losses against float64 references built from the top-k."""
+
+import math
+
+import pytest
+import torch
+
+import fastkd
+from conftest import BACKENDS, DEVICE
+from reference import rel_err, row_losses
+
+
+def _top_k_teacher(n_rows, vocab, top_k, scale=3.0):
+    teacher = torch.randn(n_rows, vocab, dtype=torch.float64, device=DEVICE) * scale
+    logprobs, indices = torch.log_softmax(teacher, -1).topk(top_k, dim=-1)
+    perm = torch.argsort(torch.rand(n_rows, top_k, device=DEVICE), dim=-1)  # ids in no particular order
+    return indices.gather(1, perm), logprobs.gather(1, perm)
+
+
+def reference_rows(student, indices, logprobs, divergence, temperature, missing_mass):
+    """float64 per-row losses, written from the definitions."""
+    s = student.double() / temperature
+    if missing_mass == "renormalize":
+        # A dense problem built from the top-k: everything outside the support is masked in both.
+        outside = torch.ones_like(s, dtype=torch.bool).scatter_(1, indices, False)
+        dense_teacher = torch.full_like(s, -1e300).scatter(1, indices, logprobs.double() / temperature)
+        dense_student = s.masked_fill(outside, -1e300)
+        return row_losses(divergence, dense_student, dense_teacher)
+    q = torch.softmax(s, -1)
+    q_support = q.gather(1, indices)
+    p_support = logprobs.double().exp()
+    q_buckets = torch.cat([q_support, 1 - q_support.sum(-1, keepdim=True)], 1)
+    p_tail = (1 - p_support.sum(-1, keepdim=True)).clamp(min=1e-12 if divergence == "reverse_kl" else 0)
+    p_buckets = torch.cat([p_support, p_tail], 1)
+    a, b = (p_buckets, q_buckets) if divergence == "forward_kl" else (q_buckets, p_buckets)
+    return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("missing_mass,temperature", [("renormalize", 1.0), ("renormalize", 2.5), ("tail", 1.0)])
+@pytest.mark.parametrize("top_k", [1, 5, 64])
+def test_sparse_kd_loss_matches_reference(divergence, missing_mass, temperature, top_k):
+    vocab = 301
+    indices, logprobs = _top_k_teacher(7, vocab, top_k)
+    student = (torch.randn(7, vocab, device=DEVICE) * 2).requires_grad_(True)
+    labels = torch.tensor([1, -100, 3, 4, 5, -100, 0], device=DEVICE)
+    grad_output = torch.rand(7, device=DEVICE) + 0.5
+    loss = fastkd.sparse_kd_loss(student, indices, logprobs.float(), divergence=divergence, temperature=temperature,
+                                 missing_mass=missing_mass, labels=labels, reduction="none")
+    (grad,) = torch.autograd.grad(loss, student, grad_output)
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = reference_rows(ref_student, indices, logprobs.float(), divergence, temperature, missing_mass)
+    ref = torch.where(labels != -100, ref, torch.zeros_like(ref))
+    (ref_grad,) = torch.autograd.grad(ref, ref_student, grad_output.double())
+    assert rel_err(loss, ref) < 2e-5
+    assert rel_err(grad, ref_grad) < 2e-5
+    assert (grad[labels == -100] == 0).all()
+    if missing_mass == "renormalize":  # no gradient outside the support
+        outside = torch.ones_like(grad, dtype=torch.bool).scatter_(1, indices, False)
+        assert (grad[outside] == 0).all()
+
+
+def test_tail_keeps_precision_when_the_top_k_holds_almost_everything():
+    # The student's leftover mass is ~1e-9: 1 − Σq would lose it in fp32, the direct sum does not.
+    vocab = 50
+    student = torch.zeros(1, vocab, device=DEVICE)
+    student[0, :10] = 25.0
+    indices = torch.arange(10, device=DEVICE)[None]
+    logprobs = torch.full((1, 10), math.log(0.0999), device=DEVICE)  # teacher leftover 1e-3
+    loss = fastkd.sparse_kd_loss(student, indices, logprobs, missing_mass="tail", reduction="sum")
+    ref = reference_rows(student, indices, logprobs, "forward_kl", 1.0, "tail")
+    assert rel_err(loss, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("missing_mass", ["renormalize", "tail"])
+def test_fused_linear_sparse_matches_sparse_on_materialised_logits(backend, missing_mass):
+    hidden = torch.randn(2, 4, 16, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(203, 16, device=DEVICE) * 0.3).requires_grad_(True)
+    indices, logprobs = _top_k_teacher(8, 200, 9)
+    indices, logprobs = indices.view(2, 4, 9), logprobs.float().view(2, 4, 9)
+    labels = torch.randint(0, 200, (2, 4), device=DEVICE)
+    labels[0, 1] = -100
+    options = dict(divergence="reverse_kl", missing_mass=missing_mass, labels=labels)
+    loss = fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs, vocab_size=200, hard_weight=0.3,
+                                              backend=backend, **options)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_hidden = hidden.detach().double().requires_grad_(True)
+    ref_weight = weight.detach().double().requires_grad_(True)
+    logits = ref_hidden @ ref_weight[:200].t()
+    ref = fastkd.sparse_kd_loss(logits, indices, logprobs.double(), **options) + 0.3 * torch.nn.functional.cross_entropy(
+        logits.view(-1, 200), labels.view(-1), ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, (ref_hidden, ref_weight))
+    assert rel_err(loss, ref) < 2e-5
+    assert all(rel_err(a, b) < 2e-5 for a, b in zip(grads, ref_grads))
+
+
+BAD = [
+    (dict(teacher_indices=torch.tensor([[0, 0]] * 3)), ValueError, ["repeats a token id"]),
+    (dict(teacher_indices=torch.tensor([[0, 11]] * 3)), ValueError, ["outside [0, 11)"]),
+    (dict(teacher_indices=torch.zeros(3, 12, dtype=torch.long), teacher_logprobs=torch.zeros(3, 12)), ValueError,
+     ["k=12", "[1, V=11]"]),
+    (dict(teacher_indices=torch.zeros(3, 2)), TypeError, ["teacher_indices", "integer"]),
+    (dict(teacher_logprobs=torch.zeros(3, 3)), ValueError, ["teacher_logprobs shape"]),
+    (dict(teacher_indices=torch.tensor([[0, 1]] * 4), teacher_logprobs=torch.zeros(4, 2)), ValueError,
+     ["teacher_indices must have shape"]),
+    (dict(teacher_logprobs=torch.full((3, 2), 0.5)), ValueError, ["log-probabilities"]),
+    (dict(divergence="jsd"), ValueError, ["forward_kl", "reverse_kl", "sparse"]),
+    (dict(missing_mass="drop"), ValueError, ["missing_mass", "'renormalize'", "'tail'"]),
+    (dict(missing_mass="tail", temperature=2.0), ValueError, ["missing_mass='tail'", "temperature=1"]),
+    (dict(backend="triton"), ValueError, ["backend='torch' only"]),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", BAD)
+def test_bad_sparse_input_names_the_argument(overrides, error, words):
+    arguments = dict(student_logits=torch.randn(3, 11), teacher_indices=torch.tensor([[0, 1]] * 3),
+                     teacher_logprobs=torch.log(torch.full((3, 2), 0.4)))
+    options = {}
+    for key, value in overrides.items():
+        (arguments if key in arguments else options)[key] = value
+    arguments = {k: v.to(DEVICE) for k, v in arguments.items()}
+    with pytest.raises(error) as info:
+        fastkd.sparse_kd_loss(*arguments.values(), **options)
+    for word in words:
+        assert word in str(info.value), f"{word!r} missing from: {info.value}"
