@@ -130,15 +130,8 @@ def _checked_dense_arguments(student_hidden, student_weight, teacher_hidden, tea
     if teacher_hidden.device != device:
         raise ValueError(f"student_hidden is on {device} but teacher_hidden is on {teacher_hidden.device}")
     vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
-    validation.check_labels(labels, leading_shape, device)
-    validation.check_ignore_index(ignore_index)
-    validation.check_reduction(reduction, normalizer, device)
-    validation.check_flag("temperature_squared", temperature_squared)
-    validation.check_finite_number("soft_weight", soft_weight)
-    validation.check_finite_number("hard_weight", hard_weight)
-    if hard_weight != 0 and labels is None:
-        raise ValueError("labels are required when hard_weight is not 0 (the hard term is cross-entropy "
-                         "against them)")
+    _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
+                         soft_weight, hard_weight)
     spec = make_spec(divergence, temperature, beta, skew)
     backend = resolve_backend(backend, device, (student_hidden.dtype, teacher_hidden.dtype))
 
@@ -180,6 +173,20 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
     if not with_components:
         return loss
     return loss, (soft.sum() * weight).detach(), (hard.sum() * weight).detach()
+
+
+def _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
+                         soft_weight, hard_weight):
+    """The checks the dense and sparse fused losses share."""
+    validation.check_labels(labels, leading_shape, device)
+    validation.check_ignore_index(ignore_index)
+    validation.check_reduction(reduction, normalizer, device)
+    validation.check_flag("temperature_squared", temperature_squared)
+    validation.check_finite_number("soft_weight", soft_weight)
+    validation.check_finite_number("hard_weight", hard_weight)
+    if hard_weight != 0 and labels is None:
+        raise ValueError("labels are required when hard_weight is not 0 (the hard term is cross-entropy "
+                         "against them)")
 
 
 def _check_vocab_size(vocab_size, student_vocab, teacher_vocab):
@@ -298,15 +305,8 @@ def fused_linear_sparse_kd_loss(
     vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
     spec = _sparse_spec(divergence, temperature, missing_mass)
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
-    validation.check_labels(labels, leading_shape, device)
-    validation.check_ignore_index(ignore_index)
-    validation.check_reduction(reduction, normalizer, device)
-    validation.check_flag("temperature_squared", temperature_squared)
-    validation.check_finite_number("soft_weight", soft_weight)
-    validation.check_finite_number("hard_weight", hard_weight)
-    if hard_weight != 0 and labels is None:
-        raise ValueError("labels are required when hard_weight is not 0 (the hard term is cross-entropy "
-                         "against them)")
+    _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
+                         soft_weight, hard_weight)
     backend = resolve_backend(backend, device, (student_hidden.dtype, teacher_logprobs.dtype))
 
     student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)

@@ -48,9 +48,13 @@ def kd_loss(student, teacher, *, divergence="forward_kl", temperature=1.0, beta=
     rows = row_losses(divergence, s, t, temperature, beta, skew)
     if temperature_squared:
         rows = rows * temperature ** 2
+    return reduce(rows, labels, ignore_index, reduction, normalizer)
+
+
+def reduce(rows, labels, ignore_index, reduction, normalizer):
+    """Zero the ignored rows, then 'none', 'sum', or 'mean' over the kept rows (or / normalizer)."""
     if labels is not None:
-        keep = labels != ignore_index
-        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
     if reduction == "none":
         return rows
     if reduction == "sum":

@@ -10,7 +10,7 @@ import torch
 import fastkd
 from conftest import BACKENDS, DEVICE, TOLERANCE
 from fastkd.backends import fused_linear
-from reference import rel_err, row_losses
+from reference import reduce, rel_err, row_losses
 
 
 def reference_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
@@ -29,20 +29,11 @@ def reference_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
     if temperature_squared:
         soft = soft * temperature ** 2
     rows = soft_weight * soft
-    keep = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
     if labels is not None:
-        keep = labels != ignore_index
         log_probs = torch.log_softmax(student, dim=-1)
-        picked = log_probs.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+        picked = log_probs.gather(-1, torch.where(labels != ignore_index, labels, 0).unsqueeze(-1)).squeeze(-1)
         rows = rows + hard_weight * -picked
-        rows = torch.where(keep, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if normalizer is not None:
-        return rows.sum() / float(normalizer)
-    return rows.sum() / max(int(keep.sum()), 1)
+    return reduce(rows, labels, ignore_index, reduction, normalizer)
 
 
 def _problem(n_rows=9, student_h=24, teacher_h=40, vocab=1271, padded=0, dtype=torch.float32, leading=None):
