@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/fastkd/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest hypothesis pytest-benchmark matplotlib \
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest hypothesis pytest-benchmark matplotlib pot \
 		pybind11 ninja setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@

@@ -120,6 +120,8 @@ _LAUNCHERS = {
     ("triton", "kl_div"): "fastkd.backends.triton.kl_div",
     ("torch", "ce"): "fastkd.backends.torch_ref",
     ("triton", "ce"): "fastkd.backends.triton.cross_entropy",
+    ("torch", "sinkhorn"): "fastkd.backends.torch_sinkhorn",
+    ("triton", "sinkhorn"): "fastkd.backends.triton.sinkhorn",
 }
 
 

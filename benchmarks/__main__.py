@@ -1,0 +1,55 @@
+"""Runs the kd_loss benchmarks for this machine's device and writes results/ (see benchmarks/__init__.py)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import config, report, runner, sinkhorn
+
+
+def _parse(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, every divergence: a quick end-to-end check")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/, "
+                        "smoke-<device>/ with --smoke, custom-<device>/ when sizes are overridden)")
+    parser.add_argument("--divergences", nargs="+", metavar="NAME", help="only these divergences")
+    parser.add_argument("--shape", nargs=2, type=int, metavar=("N", "V"), help="rows and vocabulary size")
+    parser.add_argument("--dtype", choices=sorted(config.DTYPES), help="logits dtype")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="time torch.compile of the eager code (auto: on CUDA, and in --smoke on CPU)")
+    parser.add_argument("--op", choices=("all", "kd_loss", "sinkhorn"), default="all",
+                        help="which benchmarks: kd_loss, the Sinkhorn cases (benchmarks/sinkhorn.py), or all "
+                        "(size overrides apply to kd_loss, which then runs alone)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = _parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    suite = config.SUITES[config.default_suite_name(device, args.smoke)]
+    custom = bool(args.divergences or args.shape or args.dtype)
+    suite = config.override(suite, args.divergences, args.shape, args.dtype)
+
+    notes = []
+    with_compile = {"on": True, "off": False}.get(args.compile, device.type == "cuda" or args.smoke)
+    if not with_compile:
+        notes.append("compile: not run (" + ("--compile off" if args.compile == "off" else
+                     "on this CPU compiling each divergence costs more than the run; --compile on forces it") + ")")
+
+    prefix = "smoke-" if args.smoke else "custom-" if custom else ""
+    out_dir = args.out or report.RESULTS_DIR / (prefix + report.device_slug(device))
+    failed = False
+    if args.op in ("all", "kd_loss"):
+        results = runner.run(suite, device, out_dir, with_compile, notes)
+        failed |= runner.has_mismatch(results)
+    if args.op == "sinkhorn" or (args.op == "all" and not custom):
+        sinkhorn_results = sinkhorn.run(config.default_suite_name(device, args.smoke), device, out_dir)
+        failed |= sinkhorn.has_mismatch(sinkhorn_results)
+    # A wrong answer fails the run (CI runs --smoke); a provider that cannot run here is a note.
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

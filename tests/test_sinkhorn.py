@@ -1,0 +1,361 @@
+"""fastkd.sinkhorn against POT's log-domain solver, finite differences and autograd through a plain
+loop, on every backend that runs here (the Triton kernels on the CPU interpreter without a GPU)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastkd
+import fastkd.backends.triton.sinkhorn as triton_sinkhorn
+from fastkd.ops.sinkhorn import sinkhorn as sinkhorn_op
+
+from conftest import BACKENDS as ALL_BACKENDS
+from conftest import DEVICE
+from ot_reference import sinkhorn_loop
+from reference import rel_err
+
+# The backends with Sinkhorn kernels that run here.
+BACKENDS = [name for name in ALL_BACKENDS if name in ("torch", "triton")]
+
+# Fixed-iteration comparisons stop POT before convergence on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
+
+# float64 runs only on the torch backend; Triton computes in fp32 and is held to fp32 accuracy.
+TOL = {"torch": 1e-9, "triton": 2e-5}
+
+
+def _dtype(backend):
+    return torch.float64 if backend == "torch" else torch.float32
+
+
+def _masses(*shape, dtype=torch.float64, zeros=()):
+    x = torch.rand(*shape, dtype=dtype) + 0.05
+    for index in zeros:
+        x[index] = 0
+    return (x / x.sum(-1, keepdim=True)).to(DEVICE)
+
+
+def _problem(B, n, m, shared, scale=1.0, dtype=torch.float64, a_zeros=(), b_zeros=()):
+    cost = scale * torch.rand(*((n, m) if shared else (B, n, m)), dtype=dtype)
+    return cost.to(DEVICE), _masses(B, n, dtype=dtype, zeros=a_zeros), _masses(B, m, dtype=dtype, zeros=b_zeros)
+
+
+@pytest.fixture
+def ot():
+    """POT, a test-only dependency: the tests that compare with it skip where it is missing."""
+    try:
+        import ot as pot
+    except ImportError as exc:  # absent, or broken (e.g. built against another numpy)
+        pytest.skip(f"POT is not installed ({exc})")
+    return pot
+
+
+def _pot_fixed(ot, cost, a, b, eps, n_iter):
+    """POT's sinkhorn_log for one problem run for exactly n_iter iterations: (value_linear, f, g)."""
+    cost, a, b = (x.detach().double().cpu().numpy() for x in (cost, a, b))
+    plan, log = ot.bregman.sinkhorn_log(a, b, cost, eps, numItermax=n_iter, stopThr=0.0, log=True)
+    return float((plan * cost).sum()), eps * torch.from_numpy(log["log_u"]), eps * torch.from_numpy(log["log_v"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+@pytest.mark.parametrize("eps_scale", [1.0, 1e-1, 1e-2, 1e-3])
+def test_matches_pot_iteration_by_iteration(ot, backend, shared, eps_scale):
+    B, n, m, n_iter, scale = 3, 9, 6, 25, 2.0
+    cost, a, b = _problem(B, n, m, shared, scale)
+    eps = eps_scale * scale
+    dtype = _dtype(backend)
+    out = fastkd.sinkhorn(cost.to(dtype), a.to(dtype), b.to(dtype), eps=eps, max_iter=n_iter, tol=None,
+                          grad="none", backend=backend)
+    assert torch.isfinite(out.value).all() and torch.isfinite(out.f).all() and torch.isfinite(out.g).all()
+    assert (out.n_iter == n_iter).all()
+    for k in range(B):
+        c_k = cost if shared else cost[k]
+        value_linear, f, g = _pot_fixed(ot, c_k, a[k], b[k], eps, n_iter)
+        value = float(ot.solve(c_k.cpu(), a[k].cpu(), b[k].cpu(), reg=eps, max_iter=n_iter, tol=0.0).value)
+        assert abs(float(out.value_linear[k]) - value_linear) <= TOL[backend] * scale
+        assert abs(float(out.value[k]) - value) <= TOL[backend] * scale
+        # Potentials are defined up to f + c, g − c; POT's and ours take the same iteration, so no shift.
+        assert rel_err(out.f[k], f) <= 10 * TOL[backend] / eps_scale
+        assert rel_err(out.g[k], g) <= 10 * TOL[backend] / eps_scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_masses_are_absent_rows_and_columns(ot, backend):
+    """Zero-mass entries give exactly the problem with those rows/columns removed (ragged batches)."""
+    B, n, m, n_iter, eps = 2, 7, 8, 15, 0.1
+    cost, a, b = _problem(B, n, m, False, a_zeros=[(0, 2), (1, 0), (1, 6)], b_zeros=[(0, 7), (1, 3)])
+    dtype = _dtype(backend)
+    out = fastkd.sinkhorn(cost.to(dtype), a.to(dtype), b.to(dtype), eps=eps, max_iter=n_iter, tol=None,
+                          grad="none", return_plan=True, backend=backend)
+    for k in range(B):
+        rows, cols = a[k] > 0, b[k] > 0
+        value_linear, f, g = _pot_fixed(ot, cost[k][rows][:, cols], a[k][rows], b[k][cols], eps, n_iter)
+        assert abs(float(out.value_linear[k]) - value_linear) <= TOL[backend]
+        assert rel_err(out.f[k][rows], f) <= 10 * TOL[backend]
+        assert rel_err(out.g[k][cols], g) <= 10 * TOL[backend]
+        assert torch.isneginf(out.f[k][~rows]).all() and torch.isneginf(out.g[k][~cols]).all()
+        assert (out.plan[k][~rows] == 0).all() and (out.plan[k][:, ~cols] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_converged_solution_matches_pot_with_zero_masses(ot, backend):
+    n, m, eps = 6, 5, 0.2
+    cost, a, b = _problem(1, n, m, True, a_zeros=[(0, 1)], b_zeros=[(0, 4)])
+    dtype = _dtype(backend)
+    tol = 1e-12 if backend == "torch" else 1e-6
+    out = fastkd.sinkhorn(cost.to(dtype), a[0].to(dtype), b[0].to(dtype), eps=eps, max_iter=2000, tol=tol,
+                          backend=backend)
+    res = ot.solve(cost.cpu(), a[0].cpu(), b[0].cpu(), reg=eps, max_iter=5000, tol=1e-14)
+    assert out.value.shape == () and out.f.shape == (n,) and float(out.err) <= tol
+    assert abs(float(out.value) - float(res.value)) <= 100 * TOL[backend]
+    assert abs(float(out.value_linear) - float(res.value_linear)) <= 100 * TOL[backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_problem_stops_on_its_own(backend):
+    """Problems converge after different iteration counts; a converged one is frozen, so its result
+    equals solving it alone, whatever the others still do."""
+    n, m = 6, 7
+    dtype = _dtype(backend)
+    cost = torch.rand(3, n, m, dtype=dtype, device=DEVICE)
+    cost[0] *= 0.05  # nearly constant cost: converges in a few iterations
+    a, b = _masses(3, n, dtype=dtype), _masses(3, m, dtype=dtype)
+    tol = 1e-9 if backend == "torch" else 1e-5
+    out = fastkd.sinkhorn(cost, a, b, eps=0.05, max_iter=500, tol=tol, backend=backend)
+    assert (out.err <= tol).all()
+    assert out.n_iter[0] < out.n_iter.max()
+    for k in range(3):
+        alone = fastkd.sinkhorn(cost[k], a[k], b[k], eps=0.05, max_iter=500, tol=tol, backend=backend)
+        assert int(alone.n_iter) == int(out.n_iter[k])
+        assert rel_err(out.value[k], alone.value) <= TOL[backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [1e-3, 3e-3])
+def test_small_eps_has_no_nan(backend, eps):
+    dtype = _dtype(backend)
+    cost, a, b = _problem(2, 12, 10, False, dtype=dtype, a_zeros=[(0, 3)])
+    cost, a, b = (x.requires_grad_() for x in (cost, a, b))
+    for grad in ("envelope", "unrolled"):
+        out = fastkd.sinkhorn(cost, a, b, eps=eps, max_iter=60, tol=None, grad=grad, backend=backend)
+        assert torch.isfinite(out.value).all() and torch.isfinite(out.value_linear).all()
+        assert torch.isfinite(out.f[a > 0]).all() and torch.isfinite(out.g).all()
+        grads = torch.autograd.grad(out.value.sum(), (cost, a, b))
+        assert all(torch.isfinite(g_).all() for g_ in grads)
+
+
+def test_tol_none_runs_exactly_max_iter():
+    cost, a, b = _problem(2, 5, 5, False)
+    out = fastkd.sinkhorn(cost, a, b, eps=10.0, max_iter=17, tol=None, grad="none")
+    assert out.n_iter.tolist() == [17, 17] and (out.err < 1e-12).all()
+
+
+# --- gradients -------------------------------------------------------------------------------
+
+def _solve_value(cost, a, b, eps):
+    return fastkd.sinkhorn(cost, a, b, eps=eps, max_iter=5000, tol=1e-13, grad="none", backend="torch").value
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+def test_envelope_gradients_match_finite_differences(shared):
+    """∂value/∂C = P, and ∂value/∂a, ∂value/∂b along directions that keep Σa = Σb (the simplex's
+    tangent space, the only directions balanced OT defines)."""
+    B, n, m, eps, h = 2, 6, 5, 0.2, 1e-5
+    cost, a, b = _problem(B, n, m, shared)
+    leaves = [x.clone().requires_grad_() for x in (cost, a, b)]
+    out = fastkd.sinkhorn(*leaves, eps=eps, max_iter=5000, tol=1e-13, backend="torch")
+    weights = torch.randn(B, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad((out.value * weights).sum(), leaves)
+    for which, grad in enumerate(grads):
+        direction = torch.randn_like(grad)
+        if which > 0:
+            direction -= direction.mean(-1, keepdim=True)
+            assert grad.sum(-1).abs().max() <= 1e-12  # centred
+        inputs = [cost, a, b]
+        plus, minus = list(inputs), list(inputs)
+        plus[which] = inputs[which] + h * direction
+        minus[which] = inputs[which] - h * direction
+        fd = ((_solve_value(*plus, eps) - _solve_value(*minus, eps)) / (2 * h) * weights).sum()
+        assert abs(float(fd) - float((grad * direction).sum())) <= 1e-7 * max(1.0, abs(float(fd)))
+
+
+def test_envelope_marginal_gradient_equals_pot_autodiff_up_to_a_constant(ot):
+    """POT's autodiff through a converged solve gives the same gradient in R^n up to a constant
+    (the part balanced OT leaves undefined)."""
+    n, m, eps = 6, 4, 0.3
+    cost, a, b = _problem(1, n, m, True)
+    ours_a = a[0].clone().requires_grad_()
+    out = fastkd.sinkhorn(cost, ours_a, b[0], eps=eps, max_iter=5000, tol=1e-13, backend="torch")
+    (ours,) = torch.autograd.grad(out.value, [ours_a])
+    pot_a = a[0].cpu().clone().requires_grad_()
+    res = ot.solve(cost.cpu(), pot_a, b[0].cpu(), reg=eps, max_iter=5000, tol=1e-13, grad="autodiff")
+    (theirs,) = torch.autograd.grad(res.value, [pot_a])
+    assert rel_err(ours.cpu(), theirs - theirs.mean()) <= 1e-8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+def test_unrolled_gradients_match_autograd_through_the_loop(backend, shared):
+    B, n, m, n_iter, eps = 3, 7, 5, 9, 0.1
+    cost, a, b = _problem(B, n, m, shared, a_zeros=[(0, 3)], b_zeros=[(2, 1)])
+    w_value = torch.randn(B, dtype=torch.float64, device=DEVICE)
+    w_linear = torch.randn(B, dtype=torch.float64, device=DEVICE)
+    ref_leaves = [x.clone().requires_grad_() for x in (cost, a, b)]
+    ref_value, ref_linear, _, _, _ = sinkhorn_loop(*ref_leaves, eps, n_iter)
+    ref_grads = torch.autograd.grad((ref_value * w_value + ref_linear * w_linear).sum(), ref_leaves)
+    dtype = _dtype(backend)
+    leaves = [x.clone().to(dtype).requires_grad_() for x in (cost, a, b)]
+    out = fastkd.sinkhorn(*leaves, eps=eps, max_iter=n_iter, tol=None, grad="unrolled", backend=backend)
+    assert rel_err(out.value, ref_value) <= TOL[backend] and rel_err(out.value_linear, ref_linear) <= TOL[backend]
+    grads = torch.autograd.grad((out.value * w_value.to(dtype) + out.value_linear * w_linear.to(dtype)).sum(),
+                                leaves)
+    support = [torch.ones_like(cost, dtype=torch.bool), a > 0, b > 0]
+    for grad, ref, keep in zip(grads, ref_grads, support):
+        assert grad.shape == ref.shape
+        assert rel_err(grad[keep], ref[keep]) <= 10 * TOL[backend]
+    assert (grads[1][a == 0] == 0).all() and (grads[2][b == 0] == 0).all()
+
+
+def test_unrolled_saves_potentials_not_plans():
+    B, n, m, n_iter = 4, 6, 5, 7
+    cost, a, b = _problem(B, n, m, True)
+    outputs = sinkhorn_op(cost, a, b, 0.1, n_iter, -1.0, "unrolled", False, "torch")
+    f_hist, g_hist = outputs[7], outputs[8]
+    assert f_hist.shape == (B, n_iter, n) and g_hist.shape == (B, n_iter, m)
+    assert outputs[6].numel() == 0  # no plan unless asked
+    envelope = sinkhorn_op(cost, a, b, 0.1, n_iter, -1.0, "envelope", False, "torch")
+    assert envelope[7].numel() == 0 and envelope[8].numel() == 0
+
+
+def test_grad_modes_decide_what_carries_a_gradient():
+    cost, a, b = _problem(2, 4, 3, False)
+    cost.requires_grad_()
+    assert fastkd.sinkhorn(cost, a, b, grad="none").value.grad_fn is None
+    envelope = fastkd.sinkhorn(cost, a, b, max_iter=500, grad="envelope")
+    assert envelope.value.grad_fn is not None and envelope.value_linear.grad_fn is None
+    unrolled = fastkd.sinkhorn(cost, a, b, grad="unrolled")
+    assert unrolled.value_linear.grad_fn is not None
+    assert unrolled.f.grad_fn is None and unrolled.plan is None
+
+
+def test_custom_op_registration():
+    cost, a, b = _problem(2, 4, 3, True)
+    cost.requires_grad_()
+    torch.library.opcheck(sinkhorn_op, (cost, a, b, 0.1, 5, -1.0, "unrolled", True, "torch"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_fullgraph():
+    cost, a, b = _problem(3, 6, 5, True, dtype=torch.float32)
+    cost.requires_grad_()
+
+    def loss(cost, a, b):
+        out = fastkd.sinkhorn(cost, a, b, eps=0.1, max_iter=15, tol=None, grad="unrolled", validate=False)
+        return out.value.sum() + out.value_linear.sum()
+
+    (compiled_grad,) = torch.autograd.grad(torch.compile(loss, fullgraph=True)(cost, a, b), cost)
+    (eager_grad,) = torch.autograd.grad(loss(cost, a, b), cost)
+    assert rel_err(compiled_grad, eager_grad) <= 1e-6
+
+
+# --- kernels ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
+def test_triton_streamed_kernels(monkeypatch, shared, grad):
+    """The kernels for problems larger than one on-chip tile, forced onto small shapes with 4×4 tiles."""
+    monkeypatch.setattr(triton_sinkhorn, "MAX_TILE", 0)
+    monkeypatch.setattr(triton_sinkhorn, "STREAM_BLOCK", 4)
+    B, n, m = 2, 9, 6
+    cost, a, b = _problem(B, n, m, shared, dtype=torch.float32, a_zeros=[(1, 8)], b_zeros=[(0, 0)])
+    weights = torch.randn(2, B, device=DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [x.clone().requires_grad_() for x in (cost, a, b)]
+        out = fastkd.sinkhorn(*leaves, eps=0.1, max_iter=300 if grad == "envelope" else 8, tol=1e-5,
+                              grad=grad, return_plan=True, backend=backend)
+        loss = (out.value * weights[0]).sum()
+        if grad == "unrolled":
+            loss = loss + (out.value_linear * weights[1]).sum()
+        results[backend] = (out, torch.autograd.grad(loss, leaves))
+    (ref, ref_grads), (got, grads) = results["torch"], results["triton"]
+    assert (got.n_iter == ref.n_iter).all()
+    for name in ("value", "value_linear", "plan"):
+        assert rel_err(getattr(got, name), getattr(ref, name)) <= 1e-5
+    for grad_got, grad_ref in zip(grads, ref_grads):
+        assert rel_err(grad_got, grad_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cost(dtype):
+    cost, a, b = _problem(2, 6, 5, False, dtype=torch.float32)
+    cost = cost.to(dtype)
+    ref = fastkd.sinkhorn(cost.double(), a.double(), b.double(), eps=0.1, max_iter=30, tol=None, grad="none")
+    for backend in BACKENDS:
+        out = fastkd.sinkhorn(cost, a, b, eps=0.1, max_iter=30, tol=None, grad="none", backend=backend)
+        assert out.value.dtype == torch.float32
+        assert rel_err(out.value, ref.value) <= 1e-5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's CUDA compiler is shipped for Linux")
+def test_triton_kernels_compile_for_sm90():
+    """Compiles every kernel variant to a cubin for sm_90 (Triton's own ptxas; no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_aot.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# --- shapes and errors -------------------------------------------------------------------------
+
+def test_shapes_of_shared_batched_and_single_problems():
+    cost = torch.rand(5, 4, dtype=torch.float64)
+    single = fastkd.sinkhorn(cost)
+    assert single.value.shape == () and single.f.shape == (5,) and single.g.shape == (4,)
+    batch_b = _masses(3, 4)
+    shared = fastkd.sinkhorn(cost, None, batch_b, return_plan=True, max_iter=300)
+    assert shared.value.shape == (3,) and shared.f.shape == (3, 5) and shared.plan.shape == (3, 5, 4)
+    assert torch.allclose(shared.plan.sum(-1), torch.full((3, 5), 0.2, dtype=torch.float64))
+    batched = fastkd.sinkhorn(torch.rand(3, 5, 4, dtype=torch.float64), max_iter=300)
+    assert batched.n_iter.dtype == torch.int32 and batched.value.shape == (3,)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda c, a, b: fastkd.sinkhorn(c.neg(), a, b), "cost has negative"),
+    (lambda c, a, b: fastkd.sinkhorn(c.clone().fill_(float("inf")), a, b), "cost has non-finite"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a[:, :3], b), r"a must have shape \(4,\)"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, b[:1]), "batch sizes differ"),
+    (lambda c, a, b: fastkd.sinkhorn(c, -a, b), "a has negative"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, b * float("nan")), "b has non-finite"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a * 0, b), "a sums to 0"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, 2 * b), "same total mass"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, b, eps=0.0), "eps must be"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, b, eps=-1), "eps must be"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, b, grad="implicit"), "grad must be one of"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, b, max_iter=0), "max_iter must be at least 1"),
+    (lambda c, a, b: fastkd.sinkhorn(c, a, b, tol=-1.0), "tol must be"),
+    (lambda c, a, b: fastkd.sinkhorn(c[0, 0], a, b), r"cost must be \(n, m\)"),
+])
+def test_errors_name_the_argument(call, match):
+    cost, a, b = _problem(2, 4, 3, False)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(cost, a, b)
+
+
+def test_unconverged_envelope_warns_and_validate_false_does_not_sync():
+    cost, a, b = _problem(2, 6, 6, False)
+    with pytest.warns(RuntimeWarning, match="reached max_iter=3"):
+        fastkd.sinkhorn(cost, a, b, eps=0.01, max_iter=3, tol=1e-9)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastkd.sinkhorn(cost, a, b, eps=0.01, max_iter=3, tol=1e-9, validate=False)
+        fastkd.sinkhorn(cost, a, b, eps=0.01, max_iter=3, tol=1e-9, grad="unrolled")
+        fastkd.sinkhorn(cost, a, b, eps=0.01, max_iter=3, tol=None)
