@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import config, report, runner, sinkhorn
+from . import config, fused_linear, report, runner, sinkhorn
 
 
 def _parse(argv=None):
@@ -19,9 +19,10 @@ def _parse(argv=None):
     parser.add_argument("--dtype", choices=sorted(config.DTYPES), help="logits dtype")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="time torch.compile of the eager code (auto: on CUDA, and in --smoke on CPU)")
-    parser.add_argument("--op", choices=("all", "kd_loss", "sinkhorn"), default="all",
-                        help="which benchmarks: kd_loss, the Sinkhorn cases (benchmarks/sinkhorn.py), or all "
-                        "(size overrides apply to kd_loss, which then runs alone)")
+    parser.add_argument("--op", choices=("all", "kd_loss", "fused_linear", "sinkhorn"), default="all",
+                        help="which benchmarks: kd_loss, the fused linear loss (benchmarks/fused_linear.py), the "
+                        "Sinkhorn cases (benchmarks/sinkhorn.py), or all (size overrides apply to kd_loss, which "
+                        "then runs alone)")
     return parser.parse_args(argv)
 
 
@@ -44,6 +45,9 @@ def main(argv=None):
     if args.op in ("all", "kd_loss"):
         results = runner.run(suite, device, out_dir, with_compile, notes)
         failed |= runner.has_mismatch(results)
+    suite_name = config.default_suite_name(device, args.smoke)
+    if args.op == "fused_linear" or (args.op == "all" and not custom):
+        failed |= fused_linear.has_mismatch(fused_linear.run(suite_name, device, out_dir))
     if args.op == "sinkhorn" or (args.op == "all" and not custom):
         sinkhorn_results = sinkhorn.run(config.default_suite_name(device, args.smoke), device, out_dir)
         failed |= sinkhorn.has_mismatch(sinkhorn_results)

@@ -1,0 +1,264 @@
+"""The fused linear KD benchmarks of issue 3 (distillation from hidden states), with providers,
+checks and report.
+
+One case: N tokens, student and teacher hidden sizes Hs and Ht, vocabulary V, JSD (β = 0.5),
+forward+backward with gradients to the student's hidden states and lm_head weight. Providers,
+on the same inputs and checked against fastkd before they are timed:
+
+    fastkd-<backend>   fastkd.fused_linear_kd_loss
+    eager              logits by matmul, upcast to fp32, the JSD written with log_softmax
+    compile            torch.compile of eager (CUDA, and --smoke)
+    liger              Liger-Kernel's LigerFusedLinearJSDLoss, where installed
+    gemms              the four GEMMs alone (teacher and student logits, grad-hidden,
+                       grad-weight): the compute floor every fused loss is set against
+
+Issue 3's targets, on an H100 at Hs = Ht = 4096, V = 128256, bf16: fastkd ≤ 1.15× the GEMMs;
+peak memory above inputs and gradients ≤ 2 GB at N = 8192; faster than Liger with ≤ ⅓ of its
+peak memory; at N = 1024 no slower than eager. Run by ``python -m benchmarks`` (``--op
+fused_linear`` for these alone).
+"""
+
+import importlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+import fastkd
+
+from . import report
+from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
+
+_MIB = 1 << 20
+BETA = 0.5
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    N: int
+    Hs: int
+    Ht: int
+    V: int
+    dtype: str  # "bf16" or "fp32"
+
+    @property
+    def torch_dtype(self):
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+
+SUITES = {
+    "gpu": (FusedCase(1024, 4096, 4096, 128256, "bf16"), FusedCase(8192, 4096, 4096, 128256, "bf16")),
+    "cpu": (FusedCase(1024, 256, 256, 32000, "fp32"),),
+    "smoke": (FusedCase(64, 32, 48, 1000, "fp32"),),
+}
+REPEATS = {"gpu": (2, 10, 300), "cpu": (1, 3, 200), "smoke": (1, 3, 50)}  # cpu warm-up, cpu repeats, gpu ms
+
+
+@dataclass(frozen=True)
+class FusedProvider:
+    """``make(inputs)`` returns a no-argument fwd+bwd step returning (loss, grad_hidden, grad_weight),
+    or None for the GEMM floor, which computes no loss."""
+
+    name: str
+    make: Callable
+    checked: bool = True
+
+
+def make_inputs(case, device, seed=0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=case.torch_dtype)
+
+    # Weights scaled by 1/sqrt(H): logits of order 1, as in a trained model.
+    return {"student_hidden": randn(case.N, case.Hs).requires_grad_(True),
+            "student_weight": randn(case.V, case.Hs, scale=1 / math.sqrt(case.Hs)).requires_grad_(True),
+            "teacher_hidden": randn(case.N, case.Ht),
+            "teacher_weight": randn(case.V, case.Ht, scale=1 / math.sqrt(case.Ht))}
+
+
+def _grads(loss, inputs):
+    return (loss, *torch.autograd.grad(loss, (inputs["student_hidden"], inputs["student_weight"])))
+
+
+def _fastkd(backend):
+    def make(inputs):
+        return lambda: _grads(fastkd.fused_linear_kd_loss(**inputs, divergence="jsd", beta=BETA, backend=backend),
+                              inputs)
+    return make
+
+
+def eager_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    """What a user writes without a fused loss: full fp32 logits, log-softmax, mixture in log space."""
+    log_q = torch.log_softmax((student_hidden @ student_weight.t()).float(), -1)
+    with torch.no_grad():
+        log_p = torch.log_softmax((teacher_hidden @ teacher_weight.t()).float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(BETA), log_q + math.log(1 - BETA)]), 0)
+    rows = BETA * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - BETA) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    return rows.mean()
+
+
+def _eager(inputs):
+    return lambda: _grads(eager_jsd(**inputs), inputs)
+
+
+def _compiled(inputs):
+    compiled = torch.compile(eager_jsd)
+    return lambda: _grads(compiled(**inputs), inputs)
+
+
+def _liger(inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA)
+    labels = torch.zeros(inputs["student_hidden"].shape[0], dtype=torch.long, device=inputs["student_hidden"].device)
+    return lambda: _grads(loss_fn(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+                                  inputs["teacher_weight"], labels), inputs)
+
+
+def _gemms(inputs):
+    sh, sw, th, tw = (inputs[k].detach() for k in ("student_hidden", "student_weight", "teacher_hidden",
+                                                    "teacher_weight"))
+
+    def step():
+        teacher_logits = th @ tw.t()
+        student_logits = sh @ sw.t()
+        return teacher_logits, student_logits @ sw, student_logits.t() @ sh
+
+    return step
+
+
+def select(device, suite_name):
+    """(providers, notes): fastkd backends that run natively here, then the peers and the floor."""
+    providers, notes = [], []
+    for name, status in fastkd.available_backends().items():
+        if not status.available or device.type not in status.devices:
+            notes.append(f"fastkd-{name}: not run ({status.reason})")
+        elif name == "triton" and device.type == "cpu":
+            notes.append("fastkd-triton: not run (the CPU interpreter is orders of magnitude too slow to time)")
+        else:
+            providers.append(FusedProvider(f"fastkd-{name}", _fastkd(name)))
+    providers.append(FusedProvider("eager", _eager))
+    if device.type == "cuda" or suite_name == "smoke":
+        providers.append(FusedProvider("compile", _compiled))
+    else:
+        notes.append("compile: not run on this CPU (its compile time exceeds the run)")
+    if importlib.util.find_spec("liger_kernel") is not None and device.type == "cuda":
+        providers.append(FusedProvider("liger", _liger))
+    else:
+        notes.append("liger: not run (Liger-Kernel is not installed, or no GPU)")
+    providers.append(FusedProvider("gemms", _gemms, checked=False))
+    return providers, notes
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _check(result, reference, case):
+    tolerance = 2e-2 if case.dtype == "bf16" else 1e-4
+    errors = [_rel(a, b) for a, b in zip(result, reference)]
+    status = "ok" if max(errors) <= tolerance else "mismatch"
+    return status, "rel err loss {:.1e}, grad_hidden {:.1e}, grad_weight {:.1e}".format(*errors)
+
+
+def _time(step, device, suite_name):
+    warmup, repeats, gpu_ms = REPEATS[suite_name]
+    return time_cuda(step, gpu_ms) if device.type == "cuda" else time_cpu(step, warmup, repeats)
+
+
+def run_case(case, device, suite_name, notes):
+    inputs = make_inputs(case, device)
+    providers, case_notes = select(device, suite_name)
+    notes += case_notes
+    label = f"[fused_linear jsd {case.dtype} N={case.N} Hs={case.Hs} Ht={case.Ht} V={case.V}]"
+    rows, reference = [], None
+    for provider in providers:
+        row = {"op": "fused_linear", **asdict(case), "divergence": "jsd", "mode": "fwd+bwd",
+               "provider": provider.name, "median_ms": None, "q20_ms": None, "q80_ms": None,
+               "peak_extra_mib": None, "vs_gemms": None, "speedup_vs_eager": None, "check": "ok",
+               "check_detail": "", "note": ""}
+        rows.append(row)
+        try:
+            step = provider.make(inputs)
+            result = step()
+            if provider.checked:
+                reference = reference or tuple(t.detach() for t in result)
+                row["check"], row["check_detail"] = _check(result, reference, case)
+            del result
+            timing = _time(step, device, suite_name)
+            row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms)
+            if device.type == "cuda":
+                row["peak_extra_mib"] = cuda_peak_extra_bytes(step) / _MIB
+        except Exception as exc:  # a provider that cannot run (e.g. out of memory) is reported, not fatal
+            row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if not row["check_detail"]:
+                row["check"] = "error"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"{label} {provider.name}: " + (f"{row['median_ms']:.4g} ms" if row["median_ms"] else row["note"])
+              + (f" ({row['check']}: {row['check_detail']})" if provider.checked else ""), flush=True)
+    by_name = {r["provider"]: r["median_ms"] for r in rows}
+    for row in rows:
+        if row["median_ms"]:
+            row["vs_gemms"] = row["median_ms"] / by_name["gemms"] if by_name.get("gemms") else None
+            row["speedup_vs_eager"] = by_name["eager"] / row["median_ms"] if by_name.get("eager") else None
+    return rows
+
+
+COLUMNS = ("N", "Hs", "Ht", "V", "dtype", "provider", "median ms", "q20–q80 ms", "× gemms", "vs eager",
+           "peak extra MiB", "check")
+
+
+def _cell(value, spec, suffix=""):
+    return "n/a" if value is None else format(value, spec) + suffix
+
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        spread = "n/a" if r["median_ms"] is None else f"{r['q20_ms']:.3g}–{r['q80_ms']:.3g}"
+        check = "floor" if r["provider"] == "gemms" else (
+            r["check"] if r["check"] == "ok" else f"{r['check'].upper()}: {r['check_detail']}")
+        if r["note"]:
+            check += f" ({r['note']})"
+        lines.append("| " + " | ".join((
+            str(r["N"]), str(r["Hs"]), str(r["Ht"]), str(r["V"]), r["dtype"], r["provider"],
+            _cell(r["median_ms"], ".4g"), spread, _cell(r["vs_gemms"], ".2f", "×"),
+            _cell(r["speedup_vs_eager"], ".2f", "×"), _cell(r["peak_extra_mib"], ".1f"), check)) + " |")
+    return "\n".join(lines)
+
+
+def run(suite_name, device, out_dir):
+    """Runs the suite's fused-linear cases, prints the table, writes fused_linear.json and .md."""
+    environment = report.environment(device)
+    print(f"fused_linear benchmarks on {environment['device']}: suite {suite_name!r}", flush=True)
+    notes, rows = [], []
+    for case in SUITES[suite_name]:
+        rows += run_case(case, device, suite_name, notes)
+    notes = list(dict.fromkeys(notes))
+    if device.type != "cuda":
+        notes.append("peak memory: measured on CUDA only for the fused-linear cases")
+    results = {"environment": environment, "suite": suite_name, "notes": notes, "measurements": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fused_linear.json").write_text(json.dumps(results, indent=2) + "\n")
+    env = environment
+    text = [f"# fused_linear benchmarks: {env['device']}", "",
+            f"{env['date']} · torch {env['torch']} · triton {env['triton']} · commit {env['git_commit']}"
+            f"{' (dirty)' if env['git_dirty'] else ''} · suite `{suite_name}`", "",
+            "forward+backward, JSD β=0.5, gradients to the student's hidden states and weight. × gemms: time over "
+            "the four GEMMs alone (issue 3's target ≤ 1.15× on an H100).", ""]
+    text += [f"- {note}" for note in notes] + ["", markdown_table(rows), ""]
+    (out_dir / "fused_linear.md").write_text("\n".join(text))
+    print()
+    print(markdown_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {out_dir / 'fused_linear.json'}, {out_dir / 'fused_linear.md'}")
+    return results
+
+
+def has_mismatch(results):
+    return any(r["check"] == "mismatch" for r in results["measurements"])
