@@ -124,3 +124,20 @@ def test_bad_sparse_input_names_the_argument(overrides, error, words):
         fastkd.sparse_kd_loss(*arguments.values(), **options)
     for word in words:
         assert word in str(info.value), f"{word!r} missing from: {info.value}"
+
+
+def test_modules_match_functions():
+    indices, logprobs = _top_k_teacher(4, 60, 6)
+    logprobs = logprobs.float()
+    student = torch.randn(4, 60, device=DEVICE)
+    module = fastkd.SparseKDLoss("reverse_kl", missing_mass="tail", reduction="sum")
+    assert "tail" in repr(module)
+    assert torch.equal(module(student, indices, logprobs),
+                       fastkd.sparse_kd_loss(student, indices, logprobs, divergence="reverse_kl",
+                                             missing_mass="tail", reduction="sum"))
+    hidden, weight = torch.randn(4, 8, device=DEVICE), torch.randn(60, 8, device=DEVICE)
+    fused = fastkd.FusedLinearSparseKDLoss(temperature=2.0)
+    assert torch.equal(fused(hidden, weight, indices, logprobs),
+                       fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs, temperature=2.0))
+    with pytest.raises(ValueError, match="missing_mass"):
+        fastkd.SparseKDLoss(missing_mass="drop")
