@@ -4,8 +4,8 @@ import torch
 
 from . import validation
 from .backends import resolve_backend
-from .divergences import make_spec
 from .backends.sparse_teacher import MISSING_MASS, SPARSE_DIVERGENCES
+from .divergences import make_spec
 from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
 from .reduction import as_rows, reduce_rows, row_weight
 

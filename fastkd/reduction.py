@@ -1,4 +1,5 @@
-"""Turning per-row losses into the requested output: shared by every public loss."""
+"""Rows in, reduction out, for every public loss: how (…, V) inputs become the rows the ops
+take, and how per-row losses become the requested output."""
 
 import torch
 
