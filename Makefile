@@ -9,7 +9,7 @@ HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: test bench smoke clean
+.PHONY: test bench smoke cuda-build-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/fastkd/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ bench: $(VENV)/.installed
 
 smoke: $(VENV)/.installed
 	$(PY) -m benchmarks --smoke
+
+# Compiles the CUDA part of fastkd._C (sm_90 unless FASTKD_CUDA_ARCHS says otherwise) into a
+# temporary folder and checks the module; needs nvcc, not a GPU. CI runs it.
+cuda-build-check: $(VENV)/.installed
+	scripts/cuda_build_check.sh $(PY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastkd/_C*.so

@@ -6,6 +6,8 @@ so one build serves every PyTorch version. Switches (environment variables):
     FASTKD_BUILD_EXT=0       build nothing (pure Python; the torch and Triton backends still work)
     FASTKD_REQUIRE_EXT=1     fail the install if the extension does not build (CI uses this)
     FASTKD_CUDA_ARCHS="80;90" CUDA architectures when nvcc is found (PTX of the last one is embedded)
+    FASTKD_BUILD_CUDA=0|1    0: CPU part only even where nvcc exists; 1: fail if nvcc is missing
+                             (default: build the CUDA part when nvcc is found)
     MAX_JOBS=N               parallel compile jobs
     CXX, NVCC                compilers
 """
@@ -31,6 +33,20 @@ def _find_nvcc():
         candidate = Path(cuda_home) / "bin" / "nvcc"
         nvcc = str(candidate) if candidate.exists() else None
     return nvcc
+
+
+def _find_cuda_lib(nvcc):
+    """The folder holding libcudart_static.a. nvcc may be a wrapper script elsewhere on PATH (e.g.
+    /usr/local/bin/nvcc), so its own folder is only the first guess."""
+    guesses = [Path(nvcc).resolve().parent.parent]
+    if os.environ.get("CUDA_HOME"):
+        guesses.append(Path(os.environ["CUDA_HOME"]))
+    guesses.append(Path("/usr/local/cuda"))
+    for root in guesses:
+        for lib in (root / "lib64", root / "lib", root / "targets" / "x86_64-linux" / "lib"):
+            if (lib / "libcudart_static.a").exists():
+                return lib
+    raise RuntimeError(f"libcudart_static.a not found next to {nvcc}; set CUDA_HOME")
 
 
 def _ninja_escape(path):
@@ -73,12 +89,18 @@ class NinjaBuildExt(build_ext):
         include_flags = " ".join(f"-I{_ninja_escape(p)}" for p in includes)
         cxx_sources = sorted(CSRC.glob("cpu/*.cpp")) + [CSRC / "bindings.cpp"]
         cuda_sources = sorted(CSRC.glob("cuda/*.cu"))
-        nvcc = _find_nvcc() if cuda_sources else None
+        build_cuda = os.environ.get("FASTKD_BUILD_CUDA", "")
+        nvcc = _find_nvcc() if cuda_sources and build_cuda != "0" else None
+        if build_cuda == "1" and nvcc is None:
+            raise RuntimeError("FASTKD_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
 
         defines = "-DFASTKD_WITH_CUDA" if nvcc else ""
+        # -fno-trapping-math lets GCC turn the kernels' float selects into SIMD blends (nothing here
+        # relies on floating-point traps); no -march flag: the wheel must run on any x86-64.
         lines = [
             f"cxx = {cxx}",
-            f"cxxflags = -O3 -std=c++17 -fPIC -fopenmp -fvisibility=hidden -Wall {defines} {include_flags}",
+            f"cxxflags = -O3 -std=c++17 -fPIC -fopenmp -fno-trapping-math -fvisibility=hidden -Wall {defines} "
+            f"{include_flags}",
             "rule cxx",
             "  command = $cxx -MMD -MF $out.d $cxxflags -c $in -o $out",
             "  depfile = $out.d",
@@ -99,16 +121,18 @@ class NinjaBuildExt(build_ext):
             gencode += f" -gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"
             lines += [
                 f"nvcc = {nvcc}",
-                f"nvccflags = -O3 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fPIC {gencode} "
-                f"-DFASTKD_WITH_CUDA {include_flags}",
+                f"nvccflags = -O3 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
+                f"{gencode} -DFASTKD_WITH_CUDA {include_flags}",
                 "rule nvcc",
-                "  command = $nvcc $nvccflags -c $in -o $out",
+                "  command = $nvcc -MD -MF $out.d $nvccflags -c $in -o $out",
+                "  depfile = $out.d",
+                "  deps = gcc",
             ]
             for src in cuda_sources:
                 obj = build_dir / (src.relative_to(CSRC).as_posix().replace("/", "_") + ".o")
                 lines.append(f"build {_ninja_escape(obj)}: nvcc {_ninja_escape(src)}")
                 objects.append(obj)
-            cuda_lib = Path(nvcc).resolve().parent.parent / "lib64"
+            cuda_lib = _find_cuda_lib(nvcc)
             # cudart is linked statically so the wheel needs only the driver at run time.
             ldflags += [f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
         lines.append(f"ldflags = {' '.join(ldflags)}")

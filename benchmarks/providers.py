@@ -1,6 +1,7 @@
 """One setup per op: the providers of kd_loss, each a function of (student, teacher) → scalar loss.
 
     fastkd-<backend>   fastkd.kd_loss with that backend, for every backend that runs natively here
+                       (on a CPU: fastkd-torch and fastkd-cpu, the C++ kernels of fastkd._C)
     eager              the divergence written plainly with log_softmax, upcast to fp32 as users do
     compile            torch.compile of ``eager``
 

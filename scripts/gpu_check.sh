@@ -63,6 +63,13 @@ run_step "nvidia-smi" nvidia-smi.txt nvidia-smi
 run_step "backends" backends.txt "$PYTHON" -c \
     'import fastkd; [print(s) for s in fastkd.available_backends().values()]'
 run_step "tests" tests.log "$PYTHON" -m pytest -q tests
+# The CUDA C++ backend's kernel tests under compute-sanitizer (memcheck): out-of-bounds and
+# misaligned accesses, reported as failures.
+if "$PYTHON" -c 'import fastkd, sys; sys.exit(not fastkd.available_backends()["cuda"].available)' \
+        && command -v compute-sanitizer >/dev/null 2>&1; then
+    run_step "memcheck (cuda backend)" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+        "$PYTHON" -m pytest -q -x tests/test_functional.py tests/test_offsets.py tests/test_ops.py -k cuda
+fi
 run_step "benchmarks" bench.log "$PYTHON" -m benchmarks --out "$OUT_DIR/bench"
 
 # Results also go where the repository keeps them, named by device, ready to commit.

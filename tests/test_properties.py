@@ -31,7 +31,8 @@ def problems(draw):
     return n_rows, vocab, scale, seed, options
 
 
-@settings(max_examples=40, deadline=None)
+# derandomize: the same examples on every run, so CI cannot flake on a new draw.
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(problem=problems(), backend=st.sampled_from(BACKENDS))
 def test_kd_loss_matches_reference(problem, backend):
     n_rows, vocab, scale, seed, options = problem

@@ -12,9 +12,11 @@ import torch
 
 BACKENDS = ("torch", "triton", "cpu", "cuda")
 
-# backend="auto": fastest first, per device type. The C++ "cpu"/"cuda" backends join these lists
-# once benchmarks show where they win (docs/perf-notes.md).
-AUTO_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+# backend="auto": fastest first, per device type (docs/perf-notes.md). CPU: the C++ kernels beat the
+# torch backend and eager PyTorch at N=2048, V=32000 fp32 on a 2-core EPYC, fwd+bwd median
+# (2026-11-22, same run): forward_kl 175 ms vs 505 ms (torch) vs 905 ms (eager); jsd 368 vs 1120
+# vs 2885 ms. The CUDA C++ kernels have not been timed on a GPU yet, so Triton stays first there.
+AUTO_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = {"torch": _FLOATS + (torch.float64,), "triton": _FLOATS, "cpu": _FLOATS, "cuda": _FLOATS}
@@ -49,11 +51,20 @@ def _probe_triton():
 
 def _probe_native(name):
     try:
-        importlib.import_module("fastkd._C")
+        ext = importlib.import_module("fastkd._C")
     except Exception as exc:
         return BackendStatus(name, False, (), f"the compiled extension fastkd._C is not built ({exc})")
-    return BackendStatus(name, False, (), "fastkd._C is built but has no kd_loss kernels for this "
-                         "backend in this version")
+    if not hasattr(ext, f"kd_rows_forward_{name}"):
+        return BackendStatus(name, False, (), "fastkd._C is built but is too old to hold the kd_loss kernels "
+                             "(rebuild it: pip install --no-build-isolation -e .)")
+    if name == "cpu":
+        return BackendStatus("cpu", True, ("cpu",), "C++ kernels of fastkd._C (OpenMP)")
+    if not ext.with_cuda:
+        return BackendStatus("cuda", False, (), "fastkd._C was built without CUDA (no nvcc at build time, "
+                             "or FASTKD_BUILD_CUDA=0)")
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return BackendStatus("cuda", False, (), "fastkd._C has CUDA kernels but PyTorch sees no CUDA device")
+    return BackendStatus("cuda", True, ("cuda",), "CUDA kernels of fastkd._C")
 
 
 def _probe_all():
@@ -118,6 +129,10 @@ _LAUNCHERS = {
     ("torch", "kl_div"): "fastkd.backends.torch_ref",
     ("triton", "kd_rows"): "fastkd.backends.triton.logits",
     ("triton", "kl_div"): "fastkd.backends.triton.kl_div",
+    ("cpu", "kd_rows"): "fastkd.backends.native_kd",
+    ("cpu", "kl_div"): "fastkd.backends.native_kd",
+    ("cuda", "kd_rows"): "fastkd.backends.native_kd",
+    ("cuda", "kl_div"): "fastkd.backends.native_kd",
     ("torch", "ce"): "fastkd.backends.torch_ref",
     ("triton", "ce"): "fastkd.backends.triton.cross_entropy",
     ("torch", "sinkhorn"): "fastkd.backends.torch_sinkhorn",

@@ -23,3 +23,31 @@ def row_logsumexp(x, temperature=1.0):
     extension().row_logsumexp_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], x.shape[1],
                                   x.stride(0), x.stride(1), 1.0 / temperature, out.data_ptr())
     return out
+
+
+def row_shape(x):
+    """(N, V) of a 2-D (N, V) or 3-D (B, T, V) tensor: its number of rows and their length."""
+    n_cols = x.shape[-1]
+    return (x.numel() // n_cols if n_cols else 0), n_cols
+
+
+def rows_view(x):
+    """The rows of a 2-D (N, V) or 3-D (B, T, V) tensor as fastkd._C takes them:
+    (address, dtype code, inner, stride_outer, stride_inner, stride_col), strides in elements;
+    row r starts at (r // inner)·stride_outer + (r % inner)·stride_inner (csrc/include/fastkd/kd_rows.h)."""
+    if x.dim() == 2:
+        return x.data_ptr(), DTYPE_CODES[x.dtype], 1, x.stride(0), 0, x.stride(1)
+    return x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+
+
+def launch(name, device, *args):
+    """Calls ``<name>_cpu`` (with torch's intra-op thread count, so torch.set_num_threads applies)
+    or ``<name>_cuda`` (on the device's current stream, no synchronisation) for ``device``."""
+    ext = extension()
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(ext, name + "_cuda")(*args, device.index, stream)
+    elif device.type == "cpu":
+        getattr(ext, name + "_cpu")(*args, torch.get_num_threads())
+    else:
+        raise ValueError(f"fastkd._C runs on cpu and cuda tensors; got a tensor on {device}")

@@ -3,11 +3,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define FASTKD_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FASTKD_HOST_DEVICE inline
-#endif
+#include "fastkd/host_device.h"
 
 namespace fastkd {
 
