@@ -18,8 +18,7 @@ peak memory; at N = 1024 no slower than eager. Run by ``python -m benchmarks`` (
 fused_linear`` for these alone).
 """
 
-import importlib
-import json
+import importlib.util
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -30,6 +29,7 @@ import fastkd
 
 from . import report
 from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
+from .providers import timed_backends
 
 _MIB = 1 << 20
 BETA = 0.5
@@ -132,14 +132,8 @@ def _gemms(inputs):
 
 def select(device, suite_name):
     """(providers, notes): fastkd backends that run natively here, then the peers and the floor."""
-    providers, notes = [], []
-    for name, status in fastkd.available_backends().items():
-        if not status.available or device.type not in status.devices:
-            notes.append(f"fastkd-{name}: not run ({status.reason})")
-        elif name == "triton" and device.type == "cpu":
-            notes.append("fastkd-triton: not run (the CPU interpreter is orders of magnitude too slow to time)")
-        else:
-            providers.append(FusedProvider(f"fastkd-{name}", _fastkd(name)))
+    names, notes = timed_backends(device)
+    providers = [FusedProvider(f"fastkd-{name}", _fastkd(name)) for name in names]
     providers.append(FusedProvider("eager", _eager))
     if device.type == "cuda" or suite_name == "smoke":
         providers.append(FusedProvider("compile", _compiled))
@@ -242,21 +236,9 @@ def run(suite_name, device, out_dir):
     if device.type != "cuda":
         notes.append("peak memory: measured on CUDA only for the fused-linear cases")
     results = {"environment": environment, "suite": suite_name, "notes": notes, "measurements": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fused_linear.json").write_text(json.dumps(results, indent=2) + "\n")
-    env = environment
-    text = [f"# fused_linear benchmarks: {env['device']}", "",
-            f"{env['date']} · torch {env['torch']} · triton {env['triton']} · commit {env['git_commit']}"
-            f"{' (dirty)' if env['git_dirty'] else ''} · suite `{suite_name}`", "",
-            "forward+backward, JSD β=0.5, gradients to the student's hidden states and weight. × gemms: time over "
-            "the four GEMMs alone (issue 3's target ≤ 1.15× on an H100).", ""]
-    text += [f"- {note}" for note in notes] + ["", markdown_table(rows), ""]
-    (out_dir / "fused_linear.md").write_text("\n".join(text))
-    print()
-    print(markdown_table(rows))
-    for note in notes:
-        print(f"note: {note}")
-    print(f"wrote {out_dir / 'fused_linear.json'}, {out_dir / 'fused_linear.md'}")
+    report.write_op(out_dir, "fused_linear", "fused_linear", results,
+                    "forward+backward, JSD β=0.5, gradients to the student's hidden states and weight. × gemms: "
+                    "time over the four GEMMs alone (issue 3's target ≤ 1.15× on an H100).", markdown_table(rows))
     return results
 
 

@@ -102,19 +102,29 @@ EAGER = Provider("eager", _eager)
 COMPILE = Provider("compile", _compiled, fresh_process_memory=False)
 
 
-def select(device, with_compile):
-    """The providers that run on ``device`` here, and notes on those left out.
-
-    Returns (providers, notes); fastkd backends first, then eager (the speed-up baseline).
-    """
-    providers, notes = [], []
+def timed_backends(device, names=None):
+    """The fastkd backends worth timing on ``device`` (among ``names``, default all), and notes on
+    those left out: (names, notes). Shared by every op's benchmark."""
+    chosen, notes = [], []
     for name, status in fastkd.available_backends().items():
+        if names is not None and name not in names:
+            continue
         if not status.available or device.type not in status.devices:
             notes.append(f"fastkd-{name}: not run ({status.reason})")
         elif name == "triton" and device.type == "cpu":
             notes.append("fastkd-triton: not run (the CPU interpreter is orders of magnitude too slow to time)")
         else:
-            providers.append(Provider(f"fastkd-{name}", _fastkd(name)))
+            chosen.append(name)
+    return chosen, notes
+
+
+def select(device, with_compile):
+    """The providers that run on ``device`` here, and notes on those left out.
+
+    Returns (providers, notes); fastkd backends first, then eager (the speed-up baseline).
+    """
+    names, notes = timed_backends(device)
+    providers = [Provider(f"fastkd-{name}", _fastkd(name)) for name in names]
     providers.append(EAGER)
     if with_compile:
         providers.append(COMPILE)

@@ -133,3 +133,23 @@ def write(results, out_dir):
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path.write_text(markdown(results))
     return [json_path, md_path]
+
+
+def write_op(out_dir, stem, op, results, explanation, table):
+    """Writes ``<stem>.json`` and ``<stem>.md`` (title, environment, explanation, notes, table) for
+    one op's results, prints the table and notes; returns the two paths."""
+    env = results["environment"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    text = [f"# {op} benchmarks: {env['device']}", "",
+            f"{env['date']} · torch {env['torch']} · triton {env['triton']} · commit {env['git_commit']}"
+            f"{' (dirty)' if env['git_dirty'] else ''} · suite `{results['suite']}`", "", explanation, ""]
+    text += [f"- {note}" for note in results["notes"]] + ["", table, ""]
+    md_path.write_text("\n".join(text))
+    print()
+    print(table)
+    for note in results["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {json_path}, {md_path}")
+    return [json_path, md_path]

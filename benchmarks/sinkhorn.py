@@ -14,7 +14,6 @@ than POT. Run by ``python -m benchmarks`` (``--op sinkhorn`` for these alone).
 """
 
 import importlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -251,21 +250,9 @@ def run(suite_name, device, out_dir):
     if device.type != "cuda":
         notes.append("peak memory: measured on CUDA only for the Sinkhorn cases")
     results = {"environment": environment, "suite": suite_name, "notes": notes, "measurements": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sinkhorn.json").write_text(json.dumps(results, indent=2) + "\n")
-    env = environment
-    text = [f"# sinkhorn benchmarks: {env['device']}", "",
-            f"{env['date']} · torch {env['torch']} · triton {env['triton']} · commit {env['git_commit']}"
-            f"{' (dirty)' if env['git_dirty'] else ''} · suite `{suite_name}`", "",
-            "vs peer: the peer's time (reference-copy for wkd, pot-batch for batch) / this time. Issue 4's "
-            "targets (H100): wkd ≥ 20× and ≤ 1/20 of the peak memory; batch ≥ 10×.", ""]
-    text += [f"- {note}" for note in notes] + ["", markdown_table(rows), ""]
-    (out_dir / "sinkhorn.md").write_text("\n".join(text))
-    print()
-    print(markdown_table(rows))
-    for note in notes:
-        print(f"note: {note}")
-    print(f"wrote {out_dir / 'sinkhorn.json'}, {out_dir / 'sinkhorn.md'}")
+    report.write_op(out_dir, "sinkhorn", "sinkhorn", results,
+                    "vs peer: the peer's time (reference-copy for wkd, pot-batch for batch) / this time. Issue 4's "
+                    "targets (H100): wkd ≥ 20× and ≤ 1/20 of the peak memory; batch ≥ 10×.", markdown_table(rows))
     return results
 
 
