@@ -140,7 +140,7 @@ def select(case, device):
     then the peer(s)."""
     providers, notes = [], []
     for name, status in fastkd.available_backends().items():
-        if name not in ("torch", "triton"):
+        if name not in ("torch", "triton", "cpu", "cuda"):
             continue
         if not status.available or device.type not in status.devices:
             notes.append(f"fastkd-{name}: not run ({status.reason})")

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "fastkd/kd_rows.h"
+#include "fastkd/sinkhorn.h"
 
 namespace py = pybind11;
 
@@ -40,6 +41,42 @@ fastkd::KdRowsArgs to_args(int64_t n_rows, int64_t n_cols, const ViewTuple& stud
   args.divergence = std::get<0>(spec);
   args.params = {std::get<1>(spec), std::get<2>(spec), std::get<3>(spec), std::get<4>(spec)};
   return args;
+}
+
+// Sinkhorn: cost as (address, dtype code, stride_b, stride_n, stride_m), stride_b 0 when shared;
+// outputs as the addresses of (value, value_linear, f, g, n_iter, err, plan, f_hist, g_hist).
+using CostTuple = std::tuple<std::uintptr_t, int, int64_t, int64_t, int64_t>;
+using SinkhornOutTuple = std::tuple<std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
+                                    std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t>;
+
+fastkd::SinkhornArgs to_sinkhorn_args(int64_t n_problems, int64_t n, int64_t m, const CostTuple& cost,
+                                      std::uintptr_t a, std::uintptr_t b, float eps, int max_iter, float tol,
+                                      bool save_history, bool return_plan) {
+  fastkd::SinkhornArgs args;
+  args.n_problems = n_problems;
+  args.n = n;
+  args.m = m;
+  args.cost = reinterpret_cast<const void*>(std::get<0>(cost));
+  args.cost_dtype = static_cast<fastkd::DType>(std::get<1>(cost));
+  args.stride_cost_b = std::get<2>(cost);
+  args.stride_cost_n = std::get<3>(cost);
+  args.stride_cost_m = std::get<4>(cost);
+  args.a = reinterpret_cast<const float*>(a);
+  args.b = reinterpret_cast<const float*>(b);
+  args.eps = eps;
+  args.max_iter = max_iter;
+  args.tol = tol;
+  args.save_history = save_history;
+  args.return_plan = return_plan;
+  return args;
+}
+
+fastkd::SinkhornOutputs to_sinkhorn_outputs(const SinkhornOutTuple& o) {
+  return {reinterpret_cast<float*>(std::get<0>(o)), reinterpret_cast<float*>(std::get<1>(o)),
+          reinterpret_cast<float*>(std::get<2>(o)), reinterpret_cast<float*>(std::get<3>(o)),
+          reinterpret_cast<int32_t*>(std::get<4>(o)), reinterpret_cast<float*>(std::get<5>(o)),
+          reinterpret_cast<float*>(std::get<6>(o)), reinterpret_cast<float*>(std::get<7>(o)),
+          reinterpret_cast<float*>(std::get<8>(o))};
 }
 
 #ifndef FASTKD_WITH_CUDA
@@ -200,6 +237,40 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("n_rows"), py::arg("n_cols"), py::arg("input"), py::arg("target"), py::arg("log_target"),
       py::arg("grad_rows"), py::arg("grad"), py::arg("device"), py::arg("stream"));
+
+  // sinkhorn_forward: B problems of n × m (fastkd/backends/native_sinkhorn.py); a (B, n), b (B, m)
+  // contiguous fp32; the CUDA version also takes a device workspace of B·(3n + 4m) fp32.
+  m.def(
+      "sinkhorn_forward_cpu",
+      [](int64_t n_problems, int64_t n, int64_t m, const CostTuple& cost, std::uintptr_t a, std::uintptr_t b,
+         float eps, int max_iter, float tol, bool save_history, bool return_plan, const SinkhornOutTuple& outputs,
+         int n_threads) {
+        const auto args = to_sinkhorn_args(n_problems, n, m, cost, a, b, eps, max_iter, tol, save_history, return_plan);
+        const auto out = to_sinkhorn_outputs(outputs);
+        with_released_gil([&] { fastkd::sinkhorn_forward_cpu(args, out, n_threads); });
+      },
+      py::arg("n_problems"), py::arg("n"), py::arg("m"), py::arg("cost"), py::arg("a"), py::arg("b"), py::arg("eps"),
+      py::arg("max_iter"), py::arg("tol"), py::arg("save_history"), py::arg("return_plan"), py::arg("outputs"),
+      py::arg("n_threads"));
+  m.def(
+      "sinkhorn_forward_cuda",
+      [](int64_t n_problems, int64_t n, int64_t m, const CostTuple& cost, std::uintptr_t a, std::uintptr_t b,
+         float eps, int max_iter, float tol, bool save_history, bool return_plan, const SinkhornOutTuple& outputs,
+         std::uintptr_t workspace, int device, std::uintptr_t stream) {
+        const auto args = to_sinkhorn_args(n_problems, n, m, cost, a, b, eps, max_iter, tol, save_history, return_plan);
+        const auto out = to_sinkhorn_outputs(outputs);
+#ifdef FASTKD_WITH_CUDA
+        with_released_gil([&] {
+          fastkd::sinkhorn_forward_cuda(args, out, reinterpret_cast<float*>(workspace), device, stream);
+        });
+#else
+        (void)args, (void)out, (void)workspace, (void)device, (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("n_problems"), py::arg("n"), py::arg("m"), py::arg("cost"), py::arg("a"), py::arg("b"), py::arg("eps"),
+      py::arg("max_iter"), py::arg("tol"), py::arg("save_history"), py::arg("return_plan"), py::arg("outputs"),
+      py::arg("workspace"), py::arg("device"), py::arg("stream"));
 
 #ifdef FASTKD_WITH_CUDA
   m.attr("with_cuda") = true;

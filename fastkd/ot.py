@@ -59,7 +59,8 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, max_iter=100, tol=1e-6, grad="en
             with grad="envelope", warn when problems reach ``max_iter`` with an error above
             ``tol``. Reading tensor values synchronises with the device: pass False in a hot loop
             or under ``torch.compile``.
-        backend: "auto", "torch" or "triton" (see ``fastkd.available_backends()``).
+        backend: "auto", "torch", "triton", "cpu" or "cuda" (see ``fastkd.available_backends()``;
+            "cpu"/"cuda" compile the forward only, in fp32, and share the torch backend's backward).
 
     Returns:
         SinkhornResult(value, value_linear, f, g, n_iter, err, plan): ``value`` = ⟨P, C⟩ +
@@ -120,7 +121,10 @@ def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, 
     return SinkhornResult(value, value_linear, f, g, n_iter, err, plan)
 
 
-# backend="auto" for the Sinkhorn family: the backends that have its kernels, fastest first.
+# backend="auto" for the Sinkhorn family: the backends that have its kernels, fastest first. The
+# C++ "cpu"/"cuda" kernels are opt-in for now: the CUDA one has not run on a GPU yet, and on the CPU
+# the compiled forward wins on many small problems but not on the WKD fwd+bwd case
+# (docs/perf-notes.md, 2026-11-22), and float64 inputs need the torch backend anyway.
 _AUTO = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
@@ -135,7 +139,7 @@ def _resolve_backend(requested, device, dtypes):
     try:
         launcher(name, "sinkhorn")
     except ValueError:
-        raise ValueError(f"backend={name!r} has no Sinkhorn kernels; use 'torch' or 'triton'") from None
+        raise ValueError(f"backend={name!r} has no Sinkhorn kernels; use 'torch', 'triton', 'cpu' or 'cuda'") from None
     return name
 
 

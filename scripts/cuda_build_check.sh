@@ -29,14 +29,14 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 assert module.with_cuda, "fastkd._C was built without its CUDA part"
 missing = [name for name in ("kd_rows_forward_cuda", "kd_rows_backward_cuda", "kl_div_rows_forward_cuda",
-                             "kl_div_rows_backward_cuda") if not hasattr(module, name)]
+                             "kl_div_rows_backward_cuda", "sinkhorn_forward_cuda") if not hasattr(module, name)]
 assert not missing, missing
 print("loads: with_cuda=True, CUDA entry points present")
 PY
 
 # Device code: the fat binary section must exist and name the kernels of csrc/cuda/.
 objdump -h "$so" | grep -q '\.nv_fatbin' || { echo "no .nv_fatbin section in $so" >&2; exit 1; }
-for kernel in kl_forward_kernel two_pass_forward_kernel backward_kernel kl_div_forward_kernel; do
+for kernel in kl_forward_kernel two_pass_forward_kernel backward_kernel kl_div_forward_kernel sinkhorn_forward_kernel; do
     grep -aq "$kernel" "$so" || { echo "kernel $kernel missing from $so" >&2; exit 1; }
 done
 # Each cubin records the ptxas options it was assembled with, "-arch sm_NN" among them.

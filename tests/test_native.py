@@ -82,6 +82,35 @@ def test_cuda_entry_point_raises_a_clear_error_without_a_gpu():
         _C.kd_rows_forward_cuda(*args)
 
 
+def _sinkhorn_entry_args(cost_dtype_code=0, max_iter=5):
+    cost, a, b = torch.rand(4, 3), torch.full((1, 4), 0.25), torch.full((1, 3), 1 / 3)
+    outputs = [torch.empty(1), torch.empty(1), torch.empty(1, 4), torch.empty(1, 3),
+               torch.empty(1, dtype=torch.int32), torch.empty(1)]
+    keep = (cost, a, b, outputs)
+    return keep, (1, 4, 3, (cost.data_ptr(), cost_dtype_code, 0, 3, 1), a.data_ptr(), b.data_ptr(), 0.1, max_iter,
+                  1e-6, False, False, tuple(x.data_ptr() for x in outputs) + (0, 0, 0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host addresses below must not reach a GPU")
+def test_sinkhorn_cuda_entry_point_raises_a_clear_error_without_a_gpu():
+    _keep, args = _sinkhorn_entry_args()
+    expected = "CUDA error in cudaGetDevice: cuda" if _C.with_cuda else "built without CUDA"
+    with pytest.raises(RuntimeError, match=expected):
+        _C.sinkhorn_forward_cuda(*args, 1, 0, 0)
+
+
+def test_sinkhorn_entry_points_check_their_arguments():
+    _keep, args = _sinkhorn_entry_args(cost_dtype_code=3)  # float64: not a kernel dtype
+    with pytest.raises(ValueError, match="cost must be float32, float16 or bfloat16"):
+        _C.sinkhorn_forward_cpu(*args, 1)
+    _keep, args = _sinkhorn_entry_args(max_iter=0)
+    with pytest.raises(ValueError, match="max_iter must be >= 1"):
+        _C.sinkhorn_forward_cpu(*args, 1)
+    if _C.with_cuda:  # checked before any CUDA call, so this runs without a GPU too
+        with pytest.raises(ValueError, match="max_iter must be >= 1"):
+            _C.sinkhorn_forward_cuda(*args, 1, 0, 0)
+
+
 @needs_kd
 def test_bad_codes_raise_value_errors_naming_the_argument():
     x = torch.randn(2, 8)

@@ -19,13 +19,14 @@ from ot_reference import sinkhorn_loop
 from reference import rel_err
 
 # The backends with Sinkhorn kernels that run here.
-BACKENDS = [name for name in ALL_BACKENDS if name in ("torch", "triton")]
+BACKENDS = [name for name in ALL_BACKENDS if name in ("torch", "triton", "cpu", "cuda")]
 
 # Fixed-iteration comparisons stop POT before convergence on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
 
-# float64 runs only on the torch backend; Triton computes in fp32 and is held to fp32 accuracy.
-TOL = {"torch": 1e-9, "triton": 2e-5}
+# float64 runs only on the torch backend; Triton and the C++ kernels compute in fp32 and are held
+# to fp32 accuracy.
+TOL = {"torch": 1e-9, "triton": 2e-5, "cpu": 2e-5, "cuda": 2e-5}
 
 
 def _dtype(backend):
@@ -290,6 +291,44 @@ def test_triton_streamed_kernels(monkeypatch, shared, grad):
         assert rel_err(getattr(got, name), getattr(ref, name)) <= 1e-5
     for grad_got, grad_ref in zip(grads, ref_grads):
         assert rel_err(grad_got, grad_ref) <= 1e-5
+
+
+@pytest.mark.skipif(not {"cpu", "cuda"} & set(BACKENDS), reason="the compiled backends do not run here")
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
+def test_compiled_forward_matches_torch_backend_in_fp32(shared, grad):
+    """The C++ forward (csrc/cpu, csrc/cuda) against the torch backend on the same fp32 inputs, with
+    a strided (transposed) cost, zero masses, the plan and, for "unrolled", the saved histories
+    that the torch backward (shared by both) reads."""
+    backend = "cuda" if "cuda" in BACKENDS else "cpu"
+    B, n, m = 3, 11, 7
+    cost = torch.rand(*((m, n) if shared else (B, m, n)), device=DEVICE).transpose(-1, -2)
+    a, b = _masses(B, n, dtype=torch.float32, zeros=[(1, 4)]), _masses(B, m, dtype=torch.float32, zeros=[(2, 0)])
+    weights = torch.randn(2, B, device=DEVICE)
+    results = {}
+    for name in ("torch", backend):
+        leaves = [x.clone().requires_grad_() for x in (cost, a, b)]
+        out = fastkd.sinkhorn(*leaves, eps=0.1, max_iter=300 if grad == "envelope" else 8, tol=1e-5, grad=grad,
+                              return_plan=True, backend=name)
+        loss = (out.value * weights[0]).sum()
+        if grad == "unrolled":
+            loss = loss + (out.value_linear * weights[1]).sum()
+        results[name] = (out, torch.autograd.grad(loss, leaves))
+    (ref, ref_grads), (got, grads) = results["torch"], results[backend]
+    assert (got.n_iter == ref.n_iter).all()
+    assert ((got.err <= 1e-5) == (ref.err <= 1e-5)).all()  # the error itself is fp32 rounding noise near tol
+    for name in ("value", "value_linear", "plan"):
+        assert rel_err(getattr(got, name), getattr(ref, name)) <= 1e-5
+    for name in ("f", "g"):
+        finite = torch.isfinite(getattr(ref, name))
+        assert (torch.isfinite(getattr(got, name)) == finite).all()
+        assert rel_err(getattr(got, name)[finite], getattr(ref, name)[finite]) <= 1e-5
+    for grad_got, grad_ref in zip(grads, ref_grads):
+        assert rel_err(grad_got, grad_ref) <= 1e-5
+    if grad == "unrolled":
+        ops = [sinkhorn_op(cost, a, b, 0.1, 8, -1.0, "unrolled", False, name) for name in ("torch", backend)]
+        for index in (7, 8):  # f̃ and g̃ histories
+            assert rel_err(ops[1][index], ops[0][index]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fastkd/cuda_check.h"
 #include "fastkd/dispatch.h"
 #include "fastkd/kd_rows.h"
 
@@ -19,33 +20,6 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 constexpr int kWarp = 32;
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fastkd: CUDA error in ") + what + ": " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-  }
-}
-
-// cudart is linked statically, so this module keeps its own current device: set it for the call
-// and put the caller's back.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-    changed_ = previous_ != device;
-  }
-  ~DeviceGuard() {
-    if (changed_) cudaSetDevice(previous_);  // best effort: a destructor must not throw
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
-};
 
 template <DType D>
 using storage_t = typename Element<D>::storage;

@@ -137,6 +137,8 @@ _LAUNCHERS = {
     ("triton", "ce"): "fastkd.backends.triton.cross_entropy",
     ("torch", "sinkhorn"): "fastkd.backends.torch_sinkhorn",
     ("triton", "sinkhorn"): "fastkd.backends.triton.sinkhorn",
+    ("cpu", "sinkhorn"): "fastkd.backends.native_sinkhorn",
+    ("cuda", "sinkhorn"): "fastkd.backends.native_sinkhorn",
 }
 
 
