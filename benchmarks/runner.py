@@ -1,5 +1,5 @@
-"""The run: for each case, check every provider against fastkd, then time each mode, measure
-peak memory, and set each time against the bandwidth floor and the eager time."""
+"""The run: for each case, check every provider against the float64 reference, then time each
+mode, measure peak memory, and set each time against the bandwidth floor and the eager time."""
 
 import torch
 
@@ -52,7 +52,7 @@ def _time_and_measure(row, step, device, suite):
 
 
 def _check_all(case, providers, inputs, label):
-    """Each provider's loss function and its check against fastkd, before anything is timed."""
+    """Each provider's loss function and its check against the float64 reference, before timing."""
     ref_loss, ref_grad = checks.reference(case, *inputs)
     checked = []
     for provider in providers:

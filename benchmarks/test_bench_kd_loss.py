@@ -6,7 +6,8 @@ A plain ``pytest`` does not collect this file (the repository's testpaths is ``t
     FASTKD_BENCH_SUITE=smoke pytest benchmarks/ --benchmark-only     # tiny sizes
 
 Sizes come from ``benchmarks.config.SUITES``: FASTKD_BENCH_SUITE = gpu | cpu | smoke, by default
-"gpu" on a CUDA machine and "cpu" elsewhere. Every provider is checked against fastkd first.
+"gpu" on a CUDA machine and "cpu" elsewhere. Every provider is checked against a float64 eager
+reference first.
 """
 
 import os
@@ -28,7 +29,7 @@ def _case_id(case):
 
 @pytest.fixture(scope="module", params=SUITE.cases, ids=_case_id)
 def case_data(request):
-    """One case's inputs and fastkd reference, built once for all its providers and modes
+    """One case's inputs and float64 reference, built once for all its providers and modes
     (module scope: pytest orders the tests so only one case's tensors are alive at a time)."""
     case = request.param
     student, teacher = providers.make_inputs(case, DEVICE)

@@ -4,6 +4,7 @@ import torch
 
 from . import validation
 from .backends import resolve_backend
+from .backends.fused_linear import row_dtype
 from .backends.sparse_teacher import MISSING_MASS, SPARSE_DIVERGENCES
 from .divergences import make_spec
 from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
@@ -95,7 +96,7 @@ def fused_linear_kd_loss(
     :func:`kd_loss`. Logits are formed block by block inside the op.
 
     Args:
-        student_hidden: (…, Hs) fp32|fp16|bf16; student_weight: (V, Hs); student_bias: (V,) or None.
+        student_hidden: (…, Hs) fp32|fp16|bf16|fp64; student_weight: (V, Hs); student_bias: (V,) or None.
             These receive gradients.
         teacher_hidden: (…, Ht) with the student's leading shape; teacher_weight: (V', Ht);
             teacher_bias: (V',) or None. Constants: no gradient.
@@ -161,7 +162,7 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
         soft, hard = fused_linear_kd_rows(*inputs, *options)
         return (soft_factor * soft + hard_weight * hard).reshape(leading_shape)
     n_rows = student_hidden.shape[0]
-    dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    dtype = row_dtype(student_hidden, teacher[0] if teacher[0] is not None else teacher[4])
     weight = row_weight(n_rows, reduction, normalizer, flat_labels, ignore_index,
                         torch.empty((), dtype=dtype, device=device))
     soft_scale = _broadcast_rows(weight * soft_factor, n_rows, dtype, device)
@@ -246,8 +247,8 @@ def sparse_kd_loss(
             See fastkd/backends/sparse_teacher.py.
         temperature: divides the student logits and the teacher log-probs.
         validate: check the ids and log-probs' values (out of range, repeated ids, positive
-            log-probs). This reads them on the host: one synchronisation; pass False in hot loops
-            once the data is trusted.
+            log-probs). This reads them on the host (a few synchronisations); pass False in hot
+            loops once the data is trusted.
         backend: "auto" or "torch": this loss has only the pure-PyTorch (row-chunked) implementation.
         The other options are those of :func:`kd_loss`.
     """
@@ -297,7 +298,9 @@ def fused_linear_sparse_kd_loss(
 ):
     """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
-    ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it."""
+    ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
+    The top-k divergence runs in PyTorch on each block; ``backend`` picks the kernels of the hard
+    (cross-entropy) term."""
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device

@@ -201,10 +201,13 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
             it requires one.
         temperature: T > 0 of both softmaxes.
         eps, n_iters: Sinkhorn regularisation (cost units) and iteration count.
-        labels: (…) int class indices; used only to exclude the target class.
-        grad: "unrolled" (back-propagate through the iterations, as the paper) or "none".
+        labels: (…) int class indices in [0, V); used only to exclude the target class (checked with
+            ``validate``).
+        grad: "unrolled" (back-propagate through the iterations, as the paper) or "none" (no
+            gradient at all: evaluation only).
         validate: check the cost's values (finite, ≥ 0; a host synchronisation).
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton", "cpu" or "cuda" (the C++ backends run the forward; the
+            backward is the torch backend's).
 
     Returns:
         Scalar loss, float32 (float64 for float64 inputs).
@@ -222,6 +225,10 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
     checks.check_flag("exclude_target", exclude_target)
     checks.check_flag("validate", validate)
     _check_loss_grad(grad)
+    if validate and labels is not None and labels.numel() and exclude_target and (
+            bool(labels.min() < 0) or bool(labels.max() >= n_classes)):
+        raise ValueError(f"labels must be class indices in [0, {n_classes}) to exclude the target class "
+                         f"(no ignore_index here); got values in [{int(labels.min())}, {int(labels.max())}]")
 
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype, cost.dtype) else torch.float32
     s = student.to(dtype) / temperature
@@ -256,8 +263,9 @@ def sinkhorn_kd_loss(student_logits, teacher_logits, *, temperature=1.0, eps=0.1
         temperature: T > 0 of both softmaxes.
         eps, n_iters: Sinkhorn regularisation (the cost is in [0, 2]) and iteration count.
         labels: (…) int; rows equal to ``ignore_index`` get zero mass. No rows left: loss 0.
-        grad: "unrolled" or "none".
-        backend: "auto", "torch" or "triton".
+        grad: "unrolled" or "none" (no gradient at all: evaluation only).
+        backend: "auto", "torch", "triton", "cpu" or "cuda" (the C++ backends run the forward; the
+            backward is the torch backend's).
 
     Returns:
         Scalar loss, float32 (float64 for float64 inputs). Memory: the (N, N) cost and plan.

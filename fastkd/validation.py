@@ -1,5 +1,6 @@
 """Argument checks shared by the public functions. Each raises before any kernel runs and names
-the argument at fault. None of them reads tensor data (no host synchronisation)."""
+the argument at fault. None of them reads tensor data (no host synchronisation), except
+``check_sparse_teacher`` with ``validate=True``, which says so."""
 
 import torch
 

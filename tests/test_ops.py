@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fastkd
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, TOLERANCE
 from reference import kd_loss as reference_kd_loss
-from reference import rel_err
+from reference import loss_and_grad, rel_err
 
 kd_rows = torch.ops.fastkd.kd_rows.default
 kl_div_rows = torch.ops.fastkd.kl_div_rows.default
@@ -68,11 +68,11 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(student, teacher, labels)
     (grad,) = torch.autograd.grad(loss, student)
-    ref = reference_kd_loss(student.detach(), teacher, divergence="jsd", beta=0.4, temperature=2.0,
-                            temperature_squared=True, labels=labels)
-    assert rel_err(loss, ref) < 1e-5
+    ref, ref_grad = loss_and_grad(student, teacher, divergence="jsd", beta=0.4, temperature=2.0,
+                                  temperature_squared=True, labels=labels)
+    assert rel_err(loss, ref) < TOLERANCE[torch.float32] and rel_err(grad, ref_grad) < TOLERANCE[torch.float32]
     (eager_grad,) = torch.autograd.grad(step(student, teacher, labels), student)
-    assert rel_err(grad, eager_grad) < 1e-6
+    assert rel_err(grad, eager_grad) < 1e-6  # compiling changes nothing
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ class DenseTeacher:
     def __init__(self, hidden, weight, bias, spec, options):
         self.hidden, self.weight, self.bias, self.spec, self.options = hidden, weight, bias, spec, options
         self.kd = launcher(options.backend, "kd_rows")
+        self.row_dtype_source = hidden
 
     def block(self, start, stop, student_logits, labels, scale):
         teacher_logits = _logits(self.hidden[start:stop], self.weight, self.bias)
@@ -52,10 +53,16 @@ class SparseTeacher:
     def __init__(self, indices, logprobs, spec, missing_mass, options):
         self.indices, self.logprobs, self.spec = indices, logprobs, spec
         self.missing_mass, self.options = missing_mass, options
+        self.row_dtype_source = logprobs
 
     def block(self, start, stop, student_logits, labels, scale):
         return sparse_teacher.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop],
                                          labels, self.spec, self.missing_mass, self.options.ignore_index, scale)
+
+
+def row_dtype(student_hidden, teacher_tensor):
+    """dtype of the per-row losses: float64 if either side is float64 (the torch backend's rule)."""
+    return torch.float64 if torch.float64 in (student_hidden.dtype, teacher_tensor.dtype) else torch.float32
 
 
 def block_rows(n_rows, vocab, device):
@@ -93,7 +100,11 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     need_hidden, need_weight, need_bias = need if want_grad else (False, False, False)
     grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
     grad_weight = torch.zeros_like(student_weight) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=student_weight.device) if need_bias else None
+    # The bias gradient is a sum over all N rows: accumulated in fp32 (fp64 for fp64 inputs). The
+    # weight gradient is accumulated by addmm in the weight's dtype, rounded once per block (a few
+    # blocks on a GPU): an fp32 (V, Hs) accumulator would cost 2 GB at V = 128k, Hs = 4096.
+    accumulate = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+    grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
     soft_rows = hard_rows = None
 
     rows = block_rows(n_rows, vocab, student_hidden.device)
@@ -121,10 +132,10 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         if need_weight:
             grad_weight.addmm_(grad_logits.t(), hidden)
         if need_bias:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+            grad_bias += grad_logits.sum(0, dtype=accumulate)
 
     if soft_rows is None:  # no rows at all
-        dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+        dtype = row_dtype(student_hidden, teacher.row_dtype_source)
         soft_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
         hard_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
     if grad_bias is not None:

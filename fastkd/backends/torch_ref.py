@@ -159,7 +159,8 @@ def ce_rows_forward(logits, labels, ignore_index):
 
 
 def ce_rows_backward(grad_loss, logits, labels, stats, ignore_index, out):
-    """Adds grad_loss_i · (softmax(logits_i) − onehot(label_i)) into ``out`` (N, V), in place."""
+    """Adds grad_loss_i · (softmax(logits_i) − onehot(label_i)) into ``out`` (N, V), in place;
+    NaN for rows whose label is out of range (their loss is NaN too)."""
     n_rows, n_cols = logits.shape
     dtype = compute_dtype(logits, logits)
     for start, stop in _row_chunks(n_rows, n_cols):
@@ -167,7 +168,12 @@ def ce_rows_backward(grad_loss, logits, labels, stats, ignore_index, out):
         label = labels[start:stop]
         row_stats = stats[start:stop].to(dtype)
         g = divergences.log_probs(x, row_stats[:, 0], row_stats[:, 1]).exp()
-        g.scatter_add_(1, label.clamp(0, n_cols - 1)[:, None], -torch.ones_like(g[:, :1]))
-        scale = torch.where(label != ignore_index, grad_loss[start:stop].to(dtype), 0.0)
-        out[start:stop] += (g * scale[:, None]).to(out.dtype)
+        active = label != ignore_index
+        in_range = (label >= 0) & (label < n_cols)
+        g.scatter_add_(1, torch.where(in_range, label, 0)[:, None], -in_range[:, None].to(dtype))
+        g = g * torch.where(active, grad_loss[start:stop].to(dtype), 0.0)[:, None]
+        # An active row with an out-of-range label has a NaN loss; its gradient is NaN too, never
+        # a quietly wrong number.
+        g = torch.where((active & ~in_range)[:, None], math.nan, g)
+        out[start:stop] += g.to(out.dtype)
     return out

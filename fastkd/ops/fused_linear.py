@@ -35,8 +35,9 @@ def _run(tensors, options, soft_scale=None, hard_scale=None, need=(False, False,
                             soft_scale, hard_scale, need)
 
 
-def _row_dtype(hidden):
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+def _row_dtype(student_hidden, teacher_hidden, teacher_logprobs):
+    teacher = teacher_hidden if teacher_hidden is not None else teacher_logprobs
+    return fused_linear.row_dtype(student_hidden, teacher)
 
 
 def _or_empty(grads, like):
@@ -70,9 +71,9 @@ def fused_linear_kd_weighted(
 
 
 @fused_linear_kd_weighted.register_fake
-def _weighted_fake(student_hidden, student_weight, student_bias, *args):
+def _weighted_fake(student_hidden, student_weight, student_bias, teacher_hidden, *args):
     need_hidden, need_weight, need_bias = args[-3:]
-    dtype = _row_dtype(student_hidden)
+    dtype = _row_dtype(student_hidden, teacher_hidden, args[3])
     n_rows = student_hidden.shape[0]
     grads = _fake_grads(student_hidden, student_weight, student_bias, need_hidden, need_weight, need_bias,
                         student_hidden.new_empty(0, dtype=dtype))
@@ -111,8 +112,9 @@ def fused_linear_kd_rows(
 
 
 @fused_linear_kd_rows.register_fake
-def _rows_fake(student_hidden, *args):
-    dtype = _row_dtype(student_hidden)
+def _rows_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+               teacher_indices, teacher_logprobs, *args):
+    dtype = _row_dtype(student_hidden, teacher_hidden, teacher_logprobs)
     n_rows = student_hidden.shape[0]
     return student_hidden.new_empty(n_rows, dtype=dtype), student_hidden.new_empty(n_rows, dtype=dtype)
 

@@ -2,8 +2,8 @@
 
 ``fastkd::kd_rows`` returns the per-row loss plus the (N, 5) statistics its backward needs
 (see backends/torch_ref.py for their columns); ``fastkd::kd_rows_backward`` recomputes p and q
-from them and writes ∂/∂student. Reductions,
-T² and normalisation happen outside, in plain differentiable torch code on (N,) tensors.
+from them and writes ∂/∂student. Reductions, T² and normalisation happen outside, in plain
+differentiable torch code on (N,) tensors.
 """
 
 import math

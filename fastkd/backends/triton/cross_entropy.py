@@ -67,6 +67,7 @@ def ce_rows_backward_kernel(
             mask = cols < V
             x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             g = tl.exp((x - m) - log_sum) - tl.where(cols == label, 1.0, 0.0)
+            g = tl.where((label >= 0) & (label < V), g, float("nan"))  # as the forward's NaN loss
             previous = tl.load(o_row + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(o_row + cols, (previous + scale * g).to(out_ptr.dtype.element_ty), mask=mask)
 
