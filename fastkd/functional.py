@@ -4,8 +4,8 @@ import torch
 
 from . import validation
 from .backends import resolve_backend
-from .backends.fused_linear import row_dtype
 from .backends.sparse_teacher import MISSING_MASS, SPARSE_DIVERGENCES
+from .backends.torch_ref import compute_dtype
 from .divergences import make_spec
 from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
 from .reduction import as_rows, reduce_rows, row_weight
@@ -162,7 +162,7 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
         soft, hard = fused_linear_kd_rows(*inputs, *options)
         return (soft_factor * soft + hard_weight * hard).reshape(leading_shape)
     n_rows = student_hidden.shape[0]
-    dtype = row_dtype(student_hidden, teacher[0] if teacher[0] is not None else teacher[4])
+    dtype = compute_dtype(student_hidden, teacher[0] if teacher[0] is not None else teacher[4])
     weight = row_weight(n_rows, reduction, normalizer, flat_labels, ignore_index,
                         torch.empty((), dtype=dtype, device=device))
     soft_scale = _broadcast_rows(weight * soft_factor, n_rows, dtype, device)

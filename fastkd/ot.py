@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from . import ot_validation as checks
 from . import validation
 from .backends import launcher, resolve_backend
+from .backends.torch_ref import compute_dtype
 from .ops.sinkhorn import sinkhorn as sinkhorn_op
 from .reduction import reduce_rows
 
@@ -89,8 +90,9 @@ def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, 
     a_batch = checks.check_marginal("a", a, n, "rows", device)
     b_batch = checks.check_marginal("b", b, m, "columns", device)
     batch = checks.batch_size(cost_batch, a_batch, b_batch)
-    dtypes = tuple(x.dtype for x in (cost, a, b) if x is not None)
-    dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    given = tuple(x for x in (cost, a, b) if x is not None)
+    dtypes = tuple(x.dtype for x in given)
+    dtype = compute_dtype(*given)
     backend = _resolve_backend(backend, device, dtypes)
     n_problems = 1 if batch is None else batch
     a = _marginal(a, n, n_problems, dtype, device)
@@ -230,7 +232,7 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
         raise ValueError(f"labels must be class indices in [0, {n_classes}) to exclude the target class "
                          f"(no ignore_index here); got values in [{int(labels.min())}, {int(labels.max())}]")
 
-    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype, cost.dtype) else torch.float32
+    dtype = compute_dtype(student, teacher, cost)
     s = student.to(dtype) / temperature
     t = teacher.detach().to(dtype) / temperature
     if labels is not None and exclude_target:
@@ -281,7 +283,7 @@ def sinkhorn_kd_loss(student_logits, teacher_logits, *, temperature=1.0, eps=0.1
     if student.shape[0] == 0:
         return student.sum() * 0.0
 
-    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    dtype = compute_dtype(student, teacher)
     q = torch.softmax(student.to(dtype) / temperature, -1)
     p = torch.softmax(teacher.detach().to(dtype) / temperature, -1)
     cost = torch.cdist(q[None], p[None], p=1)[0]
@@ -335,7 +337,7 @@ def uld_loss(student_logits, teacher_logits, *, temperature=1.0, top_k=None, lab
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int ≥ 1; got {top_k!r}")
 
-    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    dtype = compute_dtype(student_logits, teacher_logits)
     q = torch.softmax(student_logits.reshape(-1, student_logits.shape[-1]).to(dtype) / temperature, -1)
     p = torch.softmax(teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).to(dtype) / temperature, -1)
     q_sorted, p_sorted = _sorted_top(q, top_k), _sorted_top(p, top_k)

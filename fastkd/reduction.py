@@ -20,6 +20,20 @@ def as_rows(x):
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
+def row_shape(x):
+    """(rows, V, inner) of an as_rows tensor: 2-D (N, V) or 3-D (B, T, V); inner = T, or 1 for 2-D."""
+    n_cols = x.shape[-1]
+    return (x.numel() // n_cols if n_cols else 0), n_cols, (x.shape[1] if x.dim() == 3 else 1)
+
+
+def row_layout(x):
+    """(stride_outer, stride_inner, stride_col) of the rows of an as_rows tensor, in elements: row r
+    starts at (r // inner)·stride_outer + (r % inner)·stride_inner (every kernel addresses rows so)."""
+    if x.dim() == 2:
+        return x.stride(0), 0, x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
 def reduce_rows(row_loss, leading_shape, reduction, normalizer=None, labels=None, ignore_index=-100):
     """row_loss: (N,) with zeros on ignored rows → scalar ('mean', 'sum') or leading_shape ('none').
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import launcher, sparse_teacher
+from .torch_ref import compute_dtype
 
 # Elements of one (C, V) logit block. GPU: 256M (512 MiB in bf16, three blocks live: 1.5 GiB),
 # C ≈ 2k rows at V = 128k; each block adds its grad_weight contribution with one addmm that reads
@@ -60,11 +61,6 @@ class SparseTeacher:
                                          labels, self.spec, self.missing_mass, self.options.ignore_index, scale)
 
 
-def row_dtype(student_hidden, teacher_tensor):
-    """dtype of the per-row losses: float64 if either side is float64 (the torch backend's rule)."""
-    return torch.float64 if torch.float64 in (student_hidden.dtype, teacher_tensor.dtype) else torch.float32
-
-
 def block_rows(n_rows, vocab, device):
     budget = BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
     return max(1, min(n_rows, budget // max(vocab, 1)))
@@ -103,7 +99,7 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     # The bias gradient is a sum over all N rows: accumulated in fp32 (fp64 for fp64 inputs). The
     # weight gradient is accumulated by addmm in the weight's dtype, rounded once per block (a few
     # blocks on a GPU): an fp32 (V, Hs) accumulator would cost 2 GB at V = 128k, Hs = 4096.
-    accumulate = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+    accumulate = compute_dtype(student_weight)
     grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
     soft_rows = hard_rows = None
 
@@ -135,7 +131,7 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
             grad_bias += grad_logits.sum(0, dtype=accumulate)
 
     if soft_rows is None:  # no rows at all
-        dtype = row_dtype(student_hidden, teacher.row_dtype_source)
+        dtype = compute_dtype(student_hidden, teacher.row_dtype_source)
         soft_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
         hard_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
     if grad_bias is not None:

@@ -2,6 +2,8 @@
 
 import torch
 
+from ..reduction import row_layout, row_shape
+
 # Must match fastkd::DType in csrc/include/fastkd/dtypes.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -25,19 +27,11 @@ def row_logsumexp(x, temperature=1.0):
     return out
 
 
-def row_shape(x):
-    """(N, V) of a 2-D (N, V) or 3-D (B, T, V) tensor: its number of rows and their length."""
-    n_cols = x.shape[-1]
-    return (x.numel() // n_cols if n_cols else 0), n_cols
-
-
 def rows_view(x):
     """The rows of a 2-D (N, V) or 3-D (B, T, V) tensor as fastkd._C takes them:
-    (address, dtype code, inner, stride_outer, stride_inner, stride_col), strides in elements;
-    row r starts at (r // inner)·stride_outer + (r % inner)·stride_inner (csrc/include/fastkd/kd_rows.h)."""
-    if x.dim() == 2:
-        return x.data_ptr(), DTYPE_CODES[x.dtype], 1, x.stride(0), 0, x.stride(1)
-    return x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+    (address, dtype code, inner, stride_outer, stride_inner, stride_col), strides in elements
+    (the addressing of reduction.row_layout; csrc/include/fastkd/kd_rows.h)."""
+    return (x.data_ptr(), DTYPE_CODES[x.dtype], row_shape(x)[2], *row_layout(x))
 
 
 def launch(name, device, *args):

@@ -7,7 +7,8 @@ Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 
 
 import torch
 
-from .native import launch, row_shape, rows_view
+from ..reduction import row_shape
+from .native import launch, rows_view
 
 # Must match fastkd::Divergence in csrc/include/fastkd/kd_math.h.
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
@@ -45,7 +46,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V), fp32|fp16|bf16 (may differ), one device;
     labels: (N,) int or None. Returns (loss (N,), stats (N, 5)) fp32, zeros on ignored rows."""
     _check_pair("student", student, "teacher", teacher)
-    n_rows, n_cols = row_shape(student)
+    n_rows, n_cols, _ = row_shape(student)
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(n_rows, N_STATS, dtype=torch.float32, device=student.device)
     if n_rows == 0:
@@ -60,7 +61,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     """grad_loss: (N,); stats: (N, 5) from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
     _check_pair("student", student, "teacher", teacher)
-    n_rows, n_cols = row_shape(student)
+    n_rows, n_cols, _ = row_shape(student)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     if n_rows == 0:
         return grad
@@ -80,7 +81,7 @@ def kl_div_rows_forward(input, target, log_target):
     """input: (N, V) or (B, T, V) log-probabilities; target: probabilities (log-probabilities if
     log_target), same shape. Returns Σ_V target·(log target − input) per row: (N,) fp32."""
     _check_pair("input", input, "target", target)
-    n_rows, n_cols = row_shape(input)
+    n_rows, n_cols, _ = row_shape(input)
     out = torch.empty(n_rows, dtype=torch.float32, device=input.device)
     if n_rows:
         launch("kl_div_rows_forward", input.device, n_rows, n_cols, rows_view(input), rows_view(target),
@@ -91,7 +92,7 @@ def kl_div_rows_forward(input, target, log_target):
 def kl_div_rows_backward(grad_rows, input, target, log_target):
     """grad_rows: (N,). Returns −target_prob·grad_rows: contiguous, input's shape and dtype."""
     _check_pair("input", input, "target", target)
-    n_rows, n_cols = row_shape(input)
+    n_rows, n_cols, _ = row_shape(input)
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     if n_rows:
         grad_rows = grad_rows.to(torch.float32).contiguous()

@@ -22,12 +22,10 @@ problems frozen (the Triton kernels exit per problem instead).
 
 import torch
 
+from .torch_ref import compute_dtype
+
 # Elements of one (problems × n × m) temporary: 4M fp32 elements = 16 MiB; about four are alive.
 CHUNK_ELEMENTS = 1 << 22
-
-
-def compute_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _chunks(n_problems, n, m):

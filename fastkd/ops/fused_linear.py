@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import fused_linear
+from ..backends import fused_linear, torch_ref
 from ..divergences import DivergenceSpec
 
 Tensor = torch.Tensor
@@ -37,7 +37,7 @@ def _run(tensors, options, soft_scale=None, hard_scale=None, need=(False, False,
 
 def _row_dtype(student_hidden, teacher_hidden, teacher_logprobs):
     teacher = teacher_hidden if teacher_hidden is not None else teacher_logprobs
-    return fused_linear.row_dtype(student_hidden, teacher)
+    return torch_ref.compute_dtype(student_hidden, teacher)
 
 
 def _or_empty(grads, like):

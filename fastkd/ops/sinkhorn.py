@@ -11,6 +11,7 @@ differentiable; everything else is returned as a constant.
 import torch
 
 from ..backends import launcher
+from ..backends.torch_ref import compute_dtype
 
 def _empty(like, dtype=None):
     return like.new_empty(0, dtype=dtype)
@@ -36,7 +37,7 @@ def sinkhorn(
 
 @sinkhorn.register_fake
 def _sinkhorn_fake(cost, a, b, eps, max_iter, tol, grad, return_plan, backend):
-    dtype = torch.float64 if torch.float64 in (cost.dtype, a.dtype, b.dtype) else torch.float32
+    dtype = compute_dtype(cost, a, b)
     n_problems, n = a.shape
     m = b.shape[1]
     history = grad == "unrolled"

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import launch_config, row_layout, row_offset, row_shape
+from ...reduction import row_layout, row_shape
+from .rows import launch_config, row_offset
 
 # Kernel codes of the divergences (constexpr: each divergence compiles its own kernel).
 FORWARD_KL = tl.constexpr(0)

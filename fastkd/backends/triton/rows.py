@@ -1,4 +1,5 @@
-"""Row addressing and launch sizes shared by the Triton kernel families (one program per row)."""
+"""Row addressing and launch sizes shared by the Triton kernel families (one program per row).
+The host side of the addressing (row_shape, row_layout) lives in fastkd/reduction.py."""
 
 import triton
 import triton.language as tl  # noqa: F401  (Triton requires it in every module with a @triton.jit)
@@ -9,19 +10,6 @@ def row_offset(row, inner, stride_outer, stride_inner):
     # Rows of a (B, T, V) tensor are (row // T, row % T); a 2-D tensor passes inner = 1, which
     # Triton specialises away. row is int64, so offsets past 2³¹ elements are exact.
     return (row // inner) * stride_outer + (row % inner) * stride_inner
-
-
-def row_shape(x):
-    """(rows, V, inner) of a 2-D (N, V) or 3-D (B, T, V) tensor; inner = T, or 1 for 2-D."""
-    n_cols = x.shape[-1]
-    return x.numel() // n_cols, n_cols, (x.shape[1] if x.dim() == 3 else 1)
-
-
-def row_layout(x):
-    """(stride_outer, stride_inner, stride_col) of the rows of a 2-D (N, V) or 3-D (B, T, V) tensor."""
-    if x.dim() == 2:
-        return x.stride(0), 0, x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def launch_config(n_cols):
