@@ -96,3 +96,15 @@ def cuda_peak_extra_bytes(step):
     peak = torch.cuda.max_memory_allocated()
     del result
     return peak - before
+
+
+def wall_clock_step(step, device):
+    """``step`` for timers that read a wall clock (pytest-benchmark): on CUDA, wait for the kernels."""
+    if device.type != "cuda":
+        return step
+
+    def synchronized():
+        step()
+        torch.cuda.synchronize()
+
+    return synchronized

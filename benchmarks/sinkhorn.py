@@ -24,6 +24,7 @@ import fastkd
 
 from . import report
 from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
+from .providers import timed_backends
 
 _MIB = 1 << 20
 
@@ -138,16 +139,8 @@ def _pot_batch(case, inputs):
 def select(case, device):
     """(providers, notes) for a case: fastkd backends with Sinkhorn kernels that run natively here,
     then the peer(s)."""
-    providers, notes = [], []
-    for name, status in fastkd.available_backends().items():
-        if name not in ("torch", "triton", "cpu", "cuda"):
-            continue
-        if not status.available or device.type not in status.devices:
-            notes.append(f"fastkd-{name}: not run ({status.reason})")
-        elif name == "triton" and device.type == "cpu":
-            notes.append("fastkd-triton: not run (the CPU interpreter is orders of magnitude too slow to time)")
-        else:
-            providers.append(SinkhornProvider(f"fastkd-{name}", _fastkd(name)))
+    names, notes = timed_backends(device)
+    providers = [SinkhornProvider(f"fastkd-{name}", _fastkd(name)) for name in names]
     if case.kind == "wkd":
         providers.append(SinkhornProvider("reference-copy", _reference_copy))
     else:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import config, fused_linear
+from benchmarks.harness import wall_clock_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SUITE = os.environ.get("FASTKD_BENCH_SUITE") or config.default_suite_name(DEVICE)
@@ -39,12 +40,7 @@ def test_fused_linear(benchmark, case_data, provider):
         status, detail = fused_linear._check(step(), reference, case)
         assert status == "ok", f"{provider.name} disagrees with the float64 reference: {detail}"
 
-    if DEVICE.type == "cuda":
-        def timed():  # pytest-benchmark reads a wall clock: wait for the kernels
-            step()
-            torch.cuda.synchronize()
-    else:
-        timed = step
+    timed = wall_clock_step(step, DEVICE)
 
     benchmark.group = f"fused_linear {_case_id(case)} fwd+bwd"
     benchmark.extra_info.update(provider=provider.name)

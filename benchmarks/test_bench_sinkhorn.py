@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import config, sinkhorn
+from benchmarks.harness import wall_clock_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SUITE = os.environ.get("FASTKD_BENCH_SUITE") or config.default_suite_name(DEVICE)
@@ -43,12 +44,7 @@ def test_sinkhorn(benchmark, case_data, provider):
     value = summary(step())
     assert abs(value - reference) <= 1e-3 * abs(reference), f"{chosen[0].name} disagrees with fastkd"
 
-    if DEVICE.type == "cuda":
-        def timed():  # pytest-benchmark reads a wall clock: wait for the kernels
-            step()
-            torch.cuda.synchronize()
-    else:
-        timed = step
+    timed = wall_clock_step(step, DEVICE)
 
     benchmark.group = f"sinkhorn {_case_id(case)} {case.mode}"
     benchmark.extra_info.update(provider=chosen[0].name, mode=case.mode)
