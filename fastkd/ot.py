@@ -74,8 +74,8 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, max_iter=100, tol=1e-6, grad="en
     checks.check_iterations("max_iter", max_iter)
     checks.check_tol(tol)
     checks.check_grad_mode(grad)
-    checks.check_flag("return_plan", return_plan)
-    checks.check_flag("validate", validate)
+    validation.check_flag("return_plan", return_plan)
+    validation.check_flag("validate", validate)
     result = _solve(cost, a, b, eps=eps, max_iter=max_iter, tol=tol, grad=grad, return_plan=return_plan,
                     validate_cost=validate, validate_marginals=validate, backend=backend)
     if validate and grad == "envelope" and tol is not None:
@@ -224,8 +224,8 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
     _check_temperature(temperature)
     checks.check_eps(eps)
     checks.check_iterations("n_iters", n_iters)
-    checks.check_flag("exclude_target", exclude_target)
-    checks.check_flag("validate", validate)
+    validation.check_flag("exclude_target", exclude_target)
+    validation.check_flag("validate", validate)
     _check_loss_grad(grad)
     if validate and labels is not None and labels.numel() and exclude_target and (
             bool(labels.min() < 0) or bool(labels.max() >= n_classes)):

@@ -7,23 +7,16 @@ import math
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .validation import check_float_tensor
+
 GRAD_MODES = ("envelope", "unrolled", "none")
 # Relative difference allowed between the total masses of a and b (balanced OT needs them equal).
 MASS_TOLERANCE = 1e-3
 
 
-def _check_float_tensor(name, x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64); "
-                        f"got {x.dtype}")
-
-
 def check_cost(cost):
     """(n, m) or (B, n, m) with n, m ≥ 1. Returns the batch size of the cost, or None if shared."""
-    _check_float_tensor("cost", cost)
+    check_float_tensor("cost", cost)
     if cost.dim() not in (2, 3):
         raise ValueError(f"cost must be (n, m) or (B, n, m); got shape {tuple(cost.shape)}")
     if cost.shape[-1] == 0 or cost.shape[-2] == 0:
@@ -35,7 +28,7 @@ def check_marginal(name, x, size, side, device):
     """``x``: None, (size,) or (B, size). Returns its batch size, or None if it has none."""
     if x is None:
         return None
-    _check_float_tensor(name, x)
+    check_float_tensor(name, x)
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but cost is on {device}")
     if x.dim() not in (1, 2) or x.shape[-1] != size:
@@ -79,11 +72,6 @@ def check_tol(tol):
 def check_grad_mode(grad):
     if not isinstance(grad, str) or grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {', '.join(map(repr, GRAD_MODES))}; got {grad!r}")
-
-
-def check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
 
 
 def check_cost_values(cost):

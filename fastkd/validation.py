@@ -9,12 +9,16 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_logits(name, tensor):
+def check_float_tensor(name, tensor):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
     if tensor.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64); "
                         f"got {tensor.dtype}")
+
+
+def check_logits(name, tensor):
+    check_float_tensor(name, tensor)
     if tensor.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension (the vocabulary); got a 0-d tensor")
     if tensor.shape[-1] == 0:
