@@ -11,6 +11,7 @@ runs every saved iteration with masks (no host synchronisation) rather than stop
 import torch
 
 from .native import DTYPE_CODES, launch
+from .torch_sinkhorn import kernel_outputs
 from .torch_sinkhorn import sinkhorn_backward  # noqa: F401  (the backward of this backend, see above)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,23 +41,14 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     a = a.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
 
-    def new(*shape, dtype=torch.float32):
-        return torch.empty(*shape, dtype=dtype, device=device)
-
-    value, value_linear, err = new(n_problems), new(n_problems), new(n_problems)
-    f, g = new(n_problems, n), new(n_problems, m)
-    n_iter = new(n_problems, dtype=torch.int32)
-    plan = new(n_problems, n, m) if return_plan else new(0)
-    # Zeros after each problem's last iteration, as the torch backend leaves them.
-    f_hist = torch.zeros(n_problems, max_iter, n, device=device) if save_history else new(0)
-    g_hist = torch.zeros(n_problems, max_iter, m, device=device) if save_history else new(0)
-    outputs = (value, value_linear, f, g, n_iter, err, plan, f_hist, g_hist)
+    # Histories are zero after each problem's last iteration, as the torch backend leaves them.
+    outputs = kernel_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history=True)
     if n_problems == 0:
         return outputs
     args = (n_problems, n, m, _cost_view(cost), a.data_ptr(), b.data_ptr(), float(eps), int(max_iter), float(tol),
             bool(save_history), bool(return_plan), tuple(x.data_ptr() for x in outputs))
     if device.type == "cuda":
-        workspace = new(n_problems * (3 * n + 4 * m))
+        workspace = torch.empty(n_problems * (3 * n + 4 * m), dtype=torch.float32, device=device)
         launch("sinkhorn_forward", device, *args, workspace.data_ptr())
     else:
         launch("sinkhorn_forward", device, *args)

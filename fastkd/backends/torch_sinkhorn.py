@@ -220,3 +220,19 @@ def _unrolled_chunk(w_v, w_l, cs, eps, a, b, la, lb, f, g, P, n_iter, f_hist, g_
         if needs_cost:
             c_bar = c_bar + torch.where(active[:, None, None], X + Y, 0.0)
     return c_bar, la_bar, lb_bar
+
+
+def kernel_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history):
+    """The fp32 output tuple of sinkhorn_forward, allocated for a kernel to fill: (value,
+    value_linear, f, g, n_iter (int32), err, plan, f_hist, g_hist); plan and histories are empty
+    unless asked for. ``zero_history``: histories start at zero (kernels that only write the
+    iterations a problem ran, read back by the torch backward)."""
+    def new(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    history = torch.zeros if zero_history else torch.empty
+    return (new(n_problems), new(n_problems), new(n_problems, n), new(n_problems, m),
+            new(n_problems, dtype=torch.int32), new(n_problems),
+            new(n_problems, n, m) if return_plan else new(0),
+            history(n_problems, max_iter, n, device=device) if save_history else new(0),
+            history(n_problems, max_iter, m, device=device) if save_history else new(0))

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..torch_sinkhorn import kernel_outputs
+
 # Running maxima start finite: exp(m_old − m_new) of two -inf would be NaN on empty prefixes.
 NEG_START = tl.constexpr(-1e30)
 MAX_TILE = 128  # n, m up to this keep the whole cost tile on chip
@@ -642,18 +644,9 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     m = b.shape[1]
     a, b = a.float(), b.float()
 
-    def new(*shape, dtype=torch.float32):
-        return torch.empty(*shape, dtype=dtype, device=device)
-
-    value, value_linear, err = new(n_problems), new(n_problems), new(n_problems)
-    f, g = new(n_problems, n), new(n_problems, m)
-    n_iter = new(n_problems, dtype=torch.int32)
-    plan = new(n_problems, n, m) if return_plan else new(0)
-    f_hist = new(n_problems, max_iter, n) if save_history else new(0)
-    g_hist = new(n_problems, max_iter, m) if save_history else new(0)
+    outputs = kernel_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history=False)
     if n_problems == 0:
-        return value, value_linear, f, g, n_iter, err, plan, f_hist, g_hist
-    outputs = (value, value_linear, f, g, n_iter, err, plan, f_hist, g_hist)
+        return outputs
     scalars = (eps, 1.0 / eps, max_iter, tol)
     if _fits_on_chip(n, m):
         block_n, block_m, num_warps = _tile_config(n, m)
@@ -664,7 +657,8 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     else:
         block_n, block_m, num_warps = _stream_config(n, m)
         sinkhorn_streamed_forward_kernel[(n_problems,)](
-            cost, a, b, *outputs, new(n_problems, n), new(n_problems, m), new(n_problems, m),
+            cost, a, b, *outputs, *(torch.empty(n_problems, size, dtype=torch.float32, device=device)
+                                    for size in (n, m, m)),  # the streamed kernel's scratch
             n, m, *_layout(cost, a, b), *scalars,
             SAVE_HISTORY=save_history, RETURN_PLAN=return_plan, BLOCK_N=block_n, BLOCK_M=block_m,
             num_warps=num_warps)
