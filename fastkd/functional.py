@@ -52,10 +52,8 @@ def kd_loss(
     validation.check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     device = student_logits.device
     leading_shape = student_logits.shape[:-1]
-    validation.check_labels(labels, leading_shape, device)
-    validation.check_ignore_index(ignore_index)
-    validation.check_reduction(reduction, normalizer, device)
-    validation.check_flag("temperature_squared", temperature_squared)
+    validation.check_row_options(labels, leading_shape, device, ignore_index, reduction, normalizer,
+                                 temperature_squared)
     spec = make_spec(divergence, temperature, beta, skew)
     backend = resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
 
@@ -179,10 +177,8 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
 def _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight):
     """The checks the dense and sparse fused losses share."""
-    validation.check_labels(labels, leading_shape, device)
-    validation.check_ignore_index(ignore_index)
-    validation.check_reduction(reduction, normalizer, device)
-    validation.check_flag("temperature_squared", temperature_squared)
+    validation.check_row_options(labels, leading_shape, device, ignore_index, reduction, normalizer,
+                                 temperature_squared)
     validation.check_finite_number("soft_weight", soft_weight)
     validation.check_finite_number("hard_weight", hard_weight)
     if hard_weight != 0 and labels is None:
@@ -258,10 +254,8 @@ def sparse_kd_loss(
     spec = _sparse_spec(divergence, temperature, missing_mass)
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, student_logits.device,
                                     validate)
-    validation.check_labels(labels, leading_shape, student_logits.device)
-    validation.check_ignore_index(ignore_index)
-    validation.check_reduction(reduction, normalizer, student_logits.device)
-    validation.check_flag("temperature_squared", temperature_squared)
+    validation.check_row_options(labels, leading_shape, student_logits.device, ignore_index, reduction, normalizer,
+                                 temperature_squared)
     if backend not in ("auto", "torch"):
         raise ValueError(f"sparse_kd_loss runs on backend='torch' only in this version; got backend={backend!r}")
 

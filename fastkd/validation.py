@@ -76,6 +76,14 @@ def check_reduction(reduction, normalizer, device):
         raise ValueError(f"normalizer must be a finite number > 0; got {normalizer}")
 
 
+def check_row_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared):
+    """The options every per-row loss shares: labels, ignore_index, reduction with its normalizer, T²."""
+    check_labels(labels, leading_shape, device)
+    check_ignore_index(ignore_index)
+    check_reduction(reduction, normalizer, device)
+    check_flag("temperature_squared", temperature_squared)
+
+
 def check_flag(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
