@@ -98,3 +98,51 @@ def rel_err(out, ref):
     denom = ref.norm()
     diff = (out - ref).norm()
     return float(diff / denom) if denom > 0 else float(diff)
+
+
+def sparse_rows(student, indices, logprobs, divergence, temperature, missing_mass):
+    """float64 per-row losses, written from the definitions."""
+    s = student.double() / temperature
+    if missing_mass == "renormalize":
+        # A dense problem built from the top-k: everything outside the support is masked in both.
+        outside = torch.ones_like(s, dtype=torch.bool).scatter_(1, indices, False)
+        dense_teacher = torch.full_like(s, -1e300).scatter(1, indices, logprobs.double() / temperature)
+        dense_student = s.masked_fill(outside, -1e300)
+        return row_losses(divergence, dense_student, dense_teacher)
+    # "tail": one more bucket for the mass outside the support; when the support is the whole
+    # vocabulary that bucket does not exist and the loss is the dense KL over the k entries.
+    q = torch.softmax(s, -1)
+    q_support = q.gather(1, indices)
+    p_support = logprobs.double().exp()
+    outside = torch.ones_like(s, dtype=torch.bool).scatter_(1, indices, False)
+    has_tail = outside.any(-1, keepdim=True)
+    q_tail = torch.where(outside, q, torch.zeros_like(q)).sum(-1, keepdim=True)
+    q_buckets = torch.cat([q_support, q_tail], 1)
+    p_tail = (1 - p_support.sum(-1, keepdim=True)).clamp(min=1e-12 if divergence == "reverse_kl" else 0)
+    p_tail = torch.where(has_tail, p_tail, torch.zeros_like(p_tail))
+    p_buckets = torch.cat([p_support, p_tail], 1)
+    a, b = (p_buckets, q_buckets) if divergence == "forward_kl" else (q_buckets, p_buckets)
+    return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+
+def fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                      student_bias=None, teacher_bias=None, soft_weight=1.0, hard_weight=0.0, vocab_size=None,
+                      divergence="forward_kl", temperature=1.0, beta=0.5, skew=0.1, temperature_squared=False,
+                      ignore_index=-100, reduction="mean", normalizer=None):
+    """The definition, in float64 with the full (N, V) logits."""
+    vocab = vocab_size or student_weight.shape[0]
+    student = student_hidden.double() @ student_weight[:vocab].double().t()
+    teacher = teacher_hidden.double() @ teacher_weight[:vocab].double().t()
+    if student_bias is not None:
+        student = student + student_bias[:vocab].double()
+    if teacher_bias is not None:
+        teacher = teacher + teacher_bias[:vocab].double()
+    soft = row_losses(divergence, student, teacher, temperature, beta, skew)
+    if temperature_squared:
+        soft = soft * temperature ** 2
+    rows = soft_weight * soft
+    if labels is not None:
+        log_probs = torch.log_softmax(student, dim=-1)
+        picked = log_probs.gather(-1, torch.where(labels != ignore_index, labels, 0).unsqueeze(-1)).squeeze(-1)
+        rows = rows + hard_weight * -picked
+    return reduce(rows, labels, ignore_index, reduction, normalizer)

@@ -8,6 +8,7 @@ import torch
 import fastkd
 from conftest import BACKENDS, DEVICE
 from reference import rel_err, row_losses
+from reference import sparse_rows as reference_rows
 
 
 def _top_k_teacher(n_rows, vocab, top_k, scale=3.0):
@@ -15,25 +16,6 @@ def _top_k_teacher(n_rows, vocab, top_k, scale=3.0):
     logprobs, indices = torch.log_softmax(teacher, -1).topk(top_k, dim=-1)
     perm = torch.argsort(torch.rand(n_rows, top_k, device=DEVICE), dim=-1)  # ids in no particular order
     return indices.gather(1, perm), logprobs.gather(1, perm)
-
-
-def reference_rows(student, indices, logprobs, divergence, temperature, missing_mass):
-    """float64 per-row losses, written from the definitions."""
-    s = student.double() / temperature
-    if missing_mass == "renormalize":
-        # A dense problem built from the top-k: everything outside the support is masked in both.
-        outside = torch.ones_like(s, dtype=torch.bool).scatter_(1, indices, False)
-        dense_teacher = torch.full_like(s, -1e300).scatter(1, indices, logprobs.double() / temperature)
-        dense_student = s.masked_fill(outside, -1e300)
-        return row_losses(divergence, dense_student, dense_teacher)
-    q = torch.softmax(s, -1)
-    q_support = q.gather(1, indices)
-    p_support = logprobs.double().exp()
-    q_buckets = torch.cat([q_support, 1 - q_support.sum(-1, keepdim=True)], 1)
-    p_tail = (1 - p_support.sum(-1, keepdim=True)).clamp(min=1e-12 if divergence == "reverse_kl" else 0)
-    p_buckets = torch.cat([p_support, p_tail], 1)
-    a, b = (p_buckets, q_buckets) if divergence == "forward_kl" else (q_buckets, p_buckets)
-    return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
@@ -142,3 +124,23 @@ def test_modules_match_functions():
                        fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs, temperature=2.0))
     with pytest.raises(ValueError, match="missing_mass"):
         fastkd.SparseKDLoss(missing_mass="drop")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_tail_with_the_whole_vocabulary_is_the_dense_kl(dtype, divergence):
+    # k = V: no token lies outside the support, so there is no tail bucket; the teacher's leftover
+    # mass is rounding (it once made forward KL infinite).
+    teacher = torch.randn(16, 8, device=DEVICE, dtype=torch.float64).log_softmax(-1)
+    logprobs, indices = teacher.to(dtype).topk(8)
+    student = torch.randn(16, 8, device=DEVICE, dtype=dtype).requires_grad_(True)
+    loss = fastkd.sparse_kd_loss(student, indices, logprobs, divergence=divergence, missing_mass="tail",
+                                 reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    dense_teacher = torch.zeros_like(teacher).scatter(1, indices, logprobs.double())
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = row_losses(divergence, ref_student, dense_teacher)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_student)
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert rel_err(loss, ref) < tolerance and rel_err(grad, ref_grad) < tolerance

@@ -71,6 +71,9 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
         log_q_support = (s_support - row_max[:, None]) - log_sum[:, None]
         log_q_tail = _log_mass_outside(s, index, row_max, log_sum)
         p_tail = (1 - teacher_log.exp().sum(-1)).clamp(min=TAIL_FLOOR if spec.name == "reverse_kl" else 0.0)
+        # No student mass outside the support (k = V, or -inf logits there): the tail bucket does
+        # not exist, and the teacher's leftover is rounding; keeping it would make forward KL inf.
+        p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)
         log_p = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
         log_q = torch.cat([log_q_support, log_q_tail[:, None]], 1)
         loss, _ = _kl_and_grad_on_buckets(spec.name, log_p, log_q)

@@ -106,7 +106,8 @@ def kl_div_rows_forward(input, target, log_target):
     """torch.nn.functional.kl_div's pointwise terms summed per row, in float32 (float64 inputs: float64).
 
     input: (N, V) log-probabilities; target: (N, V) probabilities (log-probabilities if log_target).
-    Terms where the target probability is 0 are 0, even against input = -inf.
+    Terms where the target probability is 0 are 0, even against input = -inf; negative target
+    probabilities give NaN, as in PyTorch.
     """
     n_cols = input.shape[-1]
     n_rows = input.numel() // n_cols
@@ -115,11 +116,9 @@ def kl_div_rows_forward(input, target, log_target):
     for start, stop in _row_chunks(n_rows, n_cols):
         x = _rows(input, start, stop).to(dtype)
         y = _rows(target, start, stop).to(dtype)
-        if log_target:
-            terms = divergences.safe_weighted(y.exp(), y - x)
-        else:
-            terms = divergences.safe_weighted(y, y.log() - x)
-        out[start:stop] = terms.sum(-1)
+        prob, log_prob = (y.exp(), y) if log_target else (y, y.log())
+        # 0 where the target is 0 (even against input = -inf); NaN where it is negative, as PyTorch.
+        out[start:stop] = torch.where(prob == 0, 0.0, prob * (log_prob - x)).sum(-1)
     return out
 
 
@@ -169,8 +168,10 @@ def ce_rows_backward(grad_loss, logits, labels, stats, ignore_index, out):
         x = logits[start:stop].to(dtype)
         label = labels[start:stop]
         row_stats = stats[start:stop].to(dtype)
-        g = divergences.log_probs(x, row_stats[:, 0], row_stats[:, 1]).exp()
         active = label != ignore_index
+        # Ignored rows carry zero statistics: exp(logit − 0) would overflow to inf and inf·0 = NaN.
+        log_p = divergences.log_probs(x, row_stats[:, 0], row_stats[:, 1])
+        g = torch.where(active[:, None], log_p, -math.inf).exp()
         in_range = (label >= 0) & (label < n_cols)
         g.scatter_add_(1, torch.where(in_range, label, 0)[:, None], -in_range[:, None].to(dtype))
         g = g * torch.where(active, grad_loss[start:stop].to(dtype), 0.0)[:, None]

@@ -3,9 +3,10 @@
 Same signature, reductions ('none', 'batchmean', 'sum', 'mean'), ``log_target`` and legacy
 ``size_average`` / ``reduce`` arguments. The reducing forms run fused kernels (no (N, V)
 temporary in the forward); 'none' (whose output is (N, V) anyway), broadcasting shapes and
-targets that require grad are handed to PyTorch's own implementation, which defines them.
-One deliberate difference: a zero target probability contributes 0 even where the input is
--inf, where PyTorch returns NaN (0·-inf).
+targets that require grad and 0-d tensors are handed to PyTorch's own implementation, which
+defines them. A negative target probability gives NaN, as in PyTorch. One deliberate difference:
+a zero target probability contributes 0 even where the input is -inf, where PyTorch returns NaN
+(0·-inf).
 """
 
 import torch
@@ -27,11 +28,11 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}; got {reduction!r}")
-    validation.check_logits("input", input)
-    validation.check_logits("target", target)
+    validation.check_float_tensor("input", input)
+    validation.check_float_tensor("target", target)
     validation.check_flag("log_target", log_target)
     fused = (reduction != "none" and input.shape == target.shape and input.device == target.device
-             and not target.requires_grad)
+             and not target.requires_grad and input.dim() >= 1 and input.shape[-1] > 0)
     if not fused:
         return F.kl_div(input, target, reduction=reduction, log_target=log_target)
 

@@ -8,11 +8,17 @@ their number, at least 1; without labels sum / student_logits.size(0)), 'sum', '
 elements), 'none' (element-wise, valid tokens only). Older TRL releases divided the label-less
 'batchmean' by size(0)·size(1) instead. One deliberate difference: 'mean' over zero valid tokens
 is 0 here, NaN in TRL.
+
+The fused kernels treat the teacher as a constant. When ``teacher_logits`` requires a gradient
+(TRL propagates one), and for reduction='none' (whose output is element-wise anyway), the loss is
+computed by the same formula in plain PyTorch, in the inputs' precision, so gradients reach the
+teacher exactly as in TRL.
 """
 
 import torch
 
 from ..divergences import make_spec, safe_weighted
+from ..backends.torch_ref import compute_dtype
 from ..functional import kd_loss
 
 IGNORE_INDEX = -100
@@ -24,6 +30,11 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     if reduction not in ("batchmean", "sum", "mean", "none"):
         raise ValueError(f"reduction must be one of 'batchmean', 'sum', 'mean', 'none'; got {reduction!r}")
     out_dtype = torch.result_type(student_logits, teacher_logits)
+    if reduction == "none" or (teacher_logits.requires_grad and torch.is_grad_enabled()):
+        jsd = _elementwise_jsd(student_logits, teacher_logits, labels, beta, temperature)
+        if reduction == "none" and num_items_in_batch is None:
+            return jsd.to(out_dtype)
+        return _eager_reduction(jsd, student_logits, labels, reduction, num_items_in_batch).to(out_dtype)
     options = dict(divergence="jsd", beta=beta, temperature=temperature, labels=labels,
                    ignore_index=IGNORE_INDEX)
     if num_items_in_batch is not None:
@@ -31,8 +42,6 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
             num_items_in_batch = num_items_in_batch.to(student_logits.device)
         return (kd_loss(student_logits, teacher_logits, reduction="sum", **options)
                 / num_items_in_batch).to(out_dtype)
-    if reduction == "none":
-        return _elementwise_jsd(student_logits, teacher_logits, labels, beta, temperature).to(out_dtype)
     if reduction == "batchmean" and labels is not None:
         return kd_loss(student_logits, teacher_logits, reduction="mean", **options).to(out_dtype)
     total = kd_loss(student_logits, teacher_logits, reduction="sum", **options)
@@ -48,8 +57,9 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
 def _elementwise_jsd(student_logits, teacher_logits, labels, beta, temperature):
     """The per-element terms TRL returns for reduction='none': (valid tokens, V), or the full shape."""
     spec = make_spec("jsd", temperature, beta)
-    lq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    lp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    lq = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    lp = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     q, p = lq.exp(), lp.exp()
     if spec.name == "forward_kl":
         jsd = safe_weighted(p, lp - lq)
@@ -59,3 +69,18 @@ def _elementwise_jsd(student_logits, teacher_logits, labels, beta, temperature):
         lm = torch.logaddexp(lp + spec.log_param, lq + spec.log1m_param)
         jsd = beta * safe_weighted(p, lp - lm) + (1 - beta) * safe_weighted(q, lq - lm)
     return jsd if labels is None else jsd[labels != IGNORE_INDEX]
+
+
+def _eager_reduction(jsd, student_logits, labels, reduction, num_items_in_batch):
+    """TRL's reductions of the element-wise terms (valid tokens only)."""
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(jsd.device)
+        return jsd.sum() / num_items_in_batch
+    if reduction == "sum":
+        return jsd.sum()
+    if reduction == "mean":
+        return jsd.sum() / max(jsd.numel(), 1)
+    if labels is not None:
+        return jsd.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return jsd.sum() / max(student_logits.shape[0], 1)

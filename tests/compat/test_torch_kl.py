@@ -91,3 +91,24 @@ def test_every_backend_kernel_matches_float64(backend, log_target):
     ref_rows = (prob * (log_prob - ref_q))[:, 1:].sum(-1).reshape(-1)
     (ref_grad,) = torch.autograd.grad(ref_rows, ref_q, grad_rows.double())
     assert rel_err(rows, ref_rows) < 5e-6 and rel_err(grad, ref_grad) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_targets_give_nan_as_in_torch(backend):
+    # PyTorch: target·(log target − input) is NaN for a negative target; 'none' and the reducing
+    # forms must agree on it (they once disagreed: 'sum' skipped such entries).
+    log_q, target = _inputs(3, 40)
+    target[1, 5] = -0.01
+    for reduction in ("none", "sum", "mean", "batchmean"):
+        ours, theirs = kl_div(log_q, target, reduction=reduction), torch.nn.functional.kl_div(
+            log_q, target, reduction=reduction)
+        assert torch.isnan(ours).any() and torch.isnan(theirs).any(), reduction
+    rows = torch.ops.fastkd.kl_div_rows(log_q, target, False, backend)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+def test_zero_dimensional_tensors_follow_torch():
+    log_q, target = torch.tensor(-0.5, device=DEVICE), torch.tensor(0.3, device=DEVICE)
+    for reduction in ("none", "sum", "mean", "batchmean"):
+        expected = torch.nn.functional.kl_div(log_q, target, reduction=reduction)
+        assert torch.equal(kl_div(log_q, target, reduction=reduction), expected), reduction

@@ -89,3 +89,28 @@ def test_matches_trl_itself():
     for beta in (0.0, 0.5, 1.0):
         theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta)
         assert rel_err(generalized_jsd_loss(student, teacher, labels=labels, beta=beta), theirs) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_float64_inputs_keep_float64_precision(reduction):
+    student, teacher, labels = _case(with_labels=True)
+    student, teacher = student.double(), teacher.double()
+    ours = generalized_jsd_loss(student, teacher, labels=labels, beta=0.4, temperature=1.3, reduction=reduction)
+    ref = _trl_formula(student, teacher, labels, 0.4, 1.3, reduction)
+    assert ours.dtype == torch.float64 and rel_err(ours, ref) < 1e-10
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_teacher_gradient_flows_as_in_trl(reduction, beta):
+    student, teacher, labels = _case(with_labels=True)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    ours = generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=2.0, reduction=reduction)
+    grads = torch.autograd.grad(ours.sum(), (student, teacher))
+    ref_student = student.detach().double().requires_grad_(True)
+    ref_teacher = teacher.detach().double().requires_grad_(True)
+    ref = _trl_formula(ref_student, ref_teacher, labels, beta, 2.0, reduction)
+    ref_grads = torch.autograd.grad(ref.sum(), (ref_student, ref_teacher))
+    assert rel_err(ours, ref) < 5e-6
+    assert all(rel_err(grad, ref_grad) < 1e-5 for grad, ref_grad in zip(grads, ref_grads))

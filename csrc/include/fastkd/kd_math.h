@@ -170,14 +170,15 @@ FASTKD_HOST_DEVICE float grad_scaled_student(float lq, float lp, float aux, cons
 }
 
 // torch.nn.functional.kl_div's pointwise term target·(log target − input), 0 where the target
-// probability is 0 (even against input = -inf); and that probability, −∂term/∂input.
+// probability is 0 (even against input = -inf), NaN where it is negative (as in PyTorch); and
+// that probability, −∂term/∂input.
 FASTKD_HOST_DEVICE float kl_div_target_prob(float target, bool log_target) {
   return log_target ? kd_exp(target) : target;
 }
 FASTKD_HOST_DEVICE float kl_div_term(float input, float target, bool log_target) {
   const float prob = kl_div_target_prob(target, log_target);
   const float log_prob_t = log_target ? target : logf(target);
-  return weighted(prob, log_prob_t - input);
+  return prob == 0.0f ? 0.0f : prob * (log_prob_t - input);
 }
 
 }  // namespace fastkd

@@ -35,7 +35,8 @@ def kl_div_rows_forward_kernel(
         else:
             prob = tl.load(y_row + cols.to(tl.int64) * stride_y_col, mask=mask, other=0.0).to(tl.float32)
             y_log = tl.log(prob)
-        acc += tl.sum(tl.where(prob > 0, prob * (y_log - x), 0.0), axis=0)
+        # 0 where the target is 0 (even against input = -inf); NaN where it is negative, as PyTorch.
+        acc += tl.sum(tl.where(prob == 0, 0.0, prob * (y_log - x)), axis=0)
     tl.store(out_ptr + row, acc)
 
 
