@@ -1,7 +1,7 @@
 """One setup per op: the providers of kd_loss, each a function of (student, teacher) → scalar loss.
 
     fastkd-<backend>   fastkd.kd_loss with that backend, for every backend that runs natively here
-                       (on a CPU: fastkd-torch and fastkd-cpu, the C++ kernels of fastkd._C)
+                       (on a CPU: fastkd-torch and fastkd-native, the C++ kernels of fastkd._C)
     eager              the divergence written plainly with log_softmax, upcast to fp32 as users do
     compile            torch.compile of ``eager``
 
@@ -103,14 +103,12 @@ EAGER = Provider("eager", _eager)
 COMPILE = Provider("compile", _compiled, fresh_process_memory=False)
 
 
-def timed_backends(device, names=None):
-    """The fastkd backends worth timing on ``device`` (among ``names``, default all), and notes on
-    those left out: (names, notes). Shared by every op's benchmark."""
+def timed_backends(device, family="kd_rows"):
+    """The fastkd backends of ``family`` worth timing on ``device``, and notes on those left out:
+    (names, notes). Shared by every op's benchmark."""
     chosen, notes = [], []
-    for name, status in fastkd.available_backends().items():
-        if names is not None and name not in names:
-            continue
-        if not status.available or device.type not in status.devices:
+    for name, status in fastkd.available_backends()[family].items():
+        if not status.available or not {device.type, "*"} & set(status.devices):
             notes.append(f"fastkd-{name}: not run ({status.reason})")
         elif name == "triton" and device.type == "cpu":
             notes.append("fastkd-triton: not run (the CPU interpreter is orders of magnitude too slow to time)")

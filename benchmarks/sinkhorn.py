@@ -139,7 +139,7 @@ def _pot_batch(case, inputs):
 def select(case, device):
     """(providers, notes) for a case: fastkd backends with Sinkhorn kernels that run natively here,
     then the peer(s)."""
-    names, notes = timed_backends(device)
+    names, notes = timed_backends(device, "sinkhorn")
     providers = [SinkhornProvider(f"fastkd-{name}", _fastkd(name)) for name in names]
     if case.kind == "wkd":
         providers.append(SinkhornProvider("reference-copy", _reference_copy))

@@ -1,7 +1,7 @@
 """fastkd: fused knowledge-distillation losses for PyTorch."""
 
 from . import compat
-from .backends import available_backends
+from .kernels.registry import available_backends
 from .divergences import DIVERGENCES
 from .functional import fused_linear_kd_loss, fused_linear_sparse_kd_loss, kd_loss, sparse_kd_loss
 from .modules import FusedLinearKDLoss, FusedLinearSparseKDLoss, KDLoss, SparseKDLoss

@@ -3,12 +3,13 @@
 import torch
 
 from . import validation
-from .backends import resolve_backend
-from .backends.sparse_teacher import MISSING_MASS, SPARSE_DIVERGENCES
-from .backends.torch_ref import compute_dtype
 from .divergences import make_spec
+from .kernels import registry
+from .kernels.layout import as_rows, compute_dtype
+from .kernels.sparse.contract import MISSING_MASS, SPARSE_DIVERGENCES
 from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
-from .reduction import as_rows, reduce_rows, row_weight
+from .options import FusedLinearOptions, KDOptions, SparseOptions
+from .reduction import reduce_rows, row_weight
 
 
 def kd_loss(
@@ -42,7 +43,7 @@ def kd_loss(
         reduction: "mean" over non-ignored rows, "sum", or "none" for per-row losses of shape (…).
         normalizer: divisor replacing the row count of "mean" (e.g. ``num_items_in_batch``);
             a number or a one-element tensor.
-        backend: "auto", "torch", "triton", "cpu" or "cuda"; see ``fastkd.available_backends()``.
+        backend: "auto", "torch", "triton" or "native"; see ``fastkd.available_backends()``.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none".
@@ -55,11 +56,11 @@ def kd_loss(
     validation.check_row_options(labels, leading_shape, device, ignore_index, reduction, normalizer,
                                  temperature_squared)
     spec = make_spec(divergence, temperature, beta, skew)
-    backend = resolve_backend(backend, device, (student_logits.dtype, teacher_logits.dtype))
+    backend = registry.select("kd_rows", backend, device, (student_logits.dtype, teacher_logits.dtype))
+    options = KDOptions(spec.name, spec.temperature, spec.param, ignore_index, backend)
 
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    row_loss = kd_rows(as_rows(student_logits), as_rows(teacher_logits), flat_labels, spec.name,
-                       spec.temperature, spec.param, ignore_index, backend)[0]
+    row_loss = kd_rows(as_rows(student_logits), as_rows(teacher_logits), flat_labels, options)[0]
     if temperature_squared:
         row_loss = row_loss * (spec.temperature ** 2)
     return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
@@ -132,18 +133,27 @@ def _checked_dense_arguments(student_hidden, student_weight, teacher_hidden, tea
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight)
     spec = make_spec(divergence, temperature, beta, skew)
-    backend = resolve_backend(backend, device, (student_hidden.dtype, teacher_hidden.dtype))
+    dtypes = (student_hidden.dtype, teacher_hidden.dtype)
+    options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device, dtypes)
 
     student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
     teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
-    return (student_hidden, student_weight, student_bias, teacher, labels, spec, "renormalize", soft_weight,
-            hard_weight, temperature_squared, ignore_index, reduction, normalizer, backend)
+    return (student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight, hard_weight,
+            temperature_squared, reduction, normalizer)
 
 
-def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, spec, missing_mass, soft_weight,
-                  hard_weight, temperature_squared, ignore_index, reduction, normalizer, backend,
-                  with_components=False):
+def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, backend, device, dtypes):
+    """The FusedLinearOptions of a call: the soft family's backend, and the ce family's when there
+    is a hard term, each chosen by the registry."""
+    soft_backend = registry.select(soft_family, backend, device, dtypes)
+    ce_backend = registry.select("ce", backend, device, dtypes[:1]) if hard_weight != 0 else ""
+    return FusedLinearOptions(spec.name, spec.temperature, spec.param, missing_mass, ignore_index, hard_weight != 0,
+                              soft_backend, ce_backend)
+
+
+def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight, hard_weight,
+                  temperature_squared, reduction, normalizer, with_components=False):
     """The op call shared by the dense and sparse fused losses, once the arguments are checked.
     teacher: (hidden, weight, bias, indices, logprobs) with the unused ones None. With
     ``with_components`` (scalar reductions) also returns the reduced soft and hard terms, detached."""
@@ -151,24 +161,22 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
     leading_shape = student_hidden.shape[:-1]
     student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    with_hard = hard_weight != 0
-    soft_factor = soft_weight * (spec.temperature ** 2 if temperature_squared else 1.0)
+    soft_factor = soft_weight * (options.temperature ** 2 if temperature_squared else 1.0)
     inputs = (student_hidden, student_weight, student_bias, *teacher, flat_labels)
-    options = (spec.name, spec.temperature, spec.param, missing_mass, ignore_index, with_hard, backend)
 
     if reduction == "none":
-        soft, hard = fused_linear_kd_rows(*inputs, *options)
+        soft, hard = fused_linear_kd_rows(inputs, options)
         return (soft_factor * soft + hard_weight * hard).reshape(leading_shape)
     n_rows = student_hidden.shape[0]
     dtype = compute_dtype(student_hidden, teacher[0] if teacher[0] is not None else teacher[4])
-    weight = row_weight(n_rows, reduction, normalizer, flat_labels, ignore_index,
+    weight = row_weight(n_rows, reduction, normalizer, flat_labels, options.ignore_index,
                         torch.empty((), dtype=dtype, device=device))
     soft_scale = _broadcast_rows(weight * soft_factor, n_rows, dtype, device)
     hard_scale = _broadcast_rows(weight * hard_weight, n_rows, dtype, device)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
              grad_on and student_bias is not None and student_bias.requires_grad)
-    loss, soft, hard, *_ = fused_linear_kd_weighted(*inputs, soft_scale, hard_scale, *options, *needs)
+    loss, soft, hard, *_ = fused_linear_kd_weighted(inputs, soft_scale, hard_scale, options, needs)
     if not with_components:
         return loss
     return loss, (soft.sum() * weight).detach(), (hard.sum() * weight).detach()
@@ -240,12 +248,12 @@ def sparse_kd_loss(
         missing_mass: "renormalize": both distributions restricted to the top-k support and
             renormalised there; "tail": the teacher's leftover mass 1 − Σp is one more bucket,
             compared with the student's mass outside the support (temperature must be 1).
-            See fastkd/backends/sparse_teacher.py.
+            See fastkd/kernels/sparse/torch.py.
         temperature: divides the student logits and the teacher log-probs.
         validate: check the ids and log-probs' values (out of range, repeated ids, positive
             log-probs). This reads them on the host (a few synchronisations); pass False in hot
             loops once the data is trusted.
-        backend: "auto" or "torch": this loss has only the pure-PyTorch (row-chunked) implementation.
+        backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()["sparse_kd"]``).
         The other options are those of :func:`kd_loss`.
     """
     validation.check_logits("student_logits", student_logits)
@@ -256,14 +264,14 @@ def sparse_kd_loss(
                                     validate)
     validation.check_row_options(labels, leading_shape, student_logits.device, ignore_index, reduction, normalizer,
                                  temperature_squared)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"sparse_kd_loss runs on backend='torch' only in this version; got backend={backend!r}")
+    backend = registry.select("sparse_kd", backend, student_logits.device,
+                              (student_logits.dtype, teacher_logprobs.dtype))
+    options = SparseOptions(spec.name, spec.temperature, missing_mass, ignore_index, backend)
 
     top_k = teacher_indices.shape[-1]
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     row_loss = sparse_kd_rows(student_logits.reshape(-1, vocab), teacher_indices.reshape(-1, top_k),
-                              teacher_logprobs.reshape(-1, top_k), flat_labels, spec.name, spec.temperature,
-                              missing_mass, ignore_index)
+                              teacher_logprobs.reshape(-1, top_k), flat_labels, options)
     if temperature_squared:
         row_loss = row_loss * (spec.temperature ** 2)
     return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
@@ -293,8 +301,7 @@ def fused_linear_sparse_kd_loss(
     """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
-    The top-k divergence runs in PyTorch on each block; ``backend`` picks the kernels of the hard
-    (cross-entropy) term."""
+    ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term."""
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device
@@ -304,13 +311,14 @@ def fused_linear_sparse_kd_loss(
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight)
-    backend = resolve_backend(backend, device, (student_hidden.dtype, teacher_logprobs.dtype))
+    options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device,
+                             (student_hidden.dtype, teacher_logprobs.dtype))
 
     student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
-    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, spec, missing_mass,
-                         soft_weight, hard_weight, temperature_squared, ignore_index, reduction, normalizer, backend)
+    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
+                         hard_weight, temperature_squared, reduction, normalizer)
 
 
 def _sparse_spec(divergence, temperature, missing_mass):

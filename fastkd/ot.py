@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from . import ot_validation as checks
 from . import validation
-from .backends import launcher, resolve_backend
-from .backends.torch_ref import compute_dtype
-from .ops.sinkhorn import sinkhorn as sinkhorn_op
+from .kernels import registry
+from .kernels.layout import compute_dtype
+from .ops import sinkhorn as sinkhorn_op
+from .options import SinkhornOptions
 from .reduction import reduce_rows
 
 SinkhornResult = namedtuple("SinkhornResult", "value value_linear f g n_iter err plan")
@@ -60,8 +61,8 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, max_iter=100, tol=1e-6, grad="en
             with grad="envelope", warn when problems reach ``max_iter`` with an error above
             ``tol``. Reading tensor values synchronises with the device: pass False in a hot loop
             or under ``torch.compile``.
-        backend: "auto", "torch", "triton", "cpu" or "cuda" (see ``fastkd.available_backends()``;
-            "cpu"/"cuda" compile the forward only, in fp32, and share the torch backend's backward).
+        backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()``;
+            "native" compiles the forward only, in fp32, and shares the torch backend's backward).
 
     Returns:
         SinkhornResult(value, value_linear, f, g, n_iter, err, plan): ``value`` = ⟨P, C⟩ +
@@ -93,7 +94,7 @@ def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, 
     given = tuple(x for x in (cost, a, b) if x is not None)
     dtypes = tuple(x.dtype for x in given)
     dtype = compute_dtype(*given)
-    backend = _resolve_backend(backend, device, dtypes)
+    backend = registry.select("sinkhorn", backend, device, dtypes)
     n_problems = 1 if batch is None else batch
     a = _marginal(a, n, n_problems, dtype, device)
     b = _marginal(b, m, n_problems, dtype, device)
@@ -104,13 +105,12 @@ def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, 
         checks.check_marginal_values("b", b)
         checks.check_equal_mass(a, b)
 
-    tol_arg = -1.0 if tol is None else float(tol)
-    args = (cost, a, b, float(eps), max_iter, tol_arg, grad, return_plan, backend)
+    options = SinkhornOptions(float(eps), max_iter, -1.0 if tol is None else float(tol), grad, return_plan, backend)
     if grad == "none":
         with torch.no_grad():
-            outputs = sinkhorn_op(*args)
+            outputs = sinkhorn_op(cost, a, b, options)
     else:
-        outputs = sinkhorn_op(*args)
+        outputs = sinkhorn_op(cost, a, b, options)
     value, value_linear, f, g, n_iter, err, plan = outputs[:7]
     if grad == "envelope":
         value_linear = value_linear.detach()
@@ -121,28 +121,6 @@ def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, 
         value, value_linear, f, g, n_iter, err = (x[0] for x in (value, value_linear, f, g, n_iter, err))
         plan = None if plan is None else plan[0]
     return SinkhornResult(value, value_linear, f, g, n_iter, err, plan)
-
-
-# backend="auto" for the Sinkhorn family: the backends that have its kernels, fastest first. The
-# C++ "cpu"/"cuda" kernels are opt-in for now: the CUDA one has not run on a GPU yet, and on the CPU
-# the compiled forward wins on many small problems but not on the WKD fwd+bwd case
-# (docs/perf-notes.md, 2026-11-22), and float64 inputs need the torch backend anyway.
-_AUTO = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
-
-
-def _resolve_backend(requested, device, dtypes):
-    if requested == "auto":
-        for name in _AUTO.get(device.type, ("torch",)):
-            try:
-                return resolve_backend(name, device, dtypes)
-            except ValueError:
-                continue
-    name = resolve_backend(requested, device, dtypes)
-    try:
-        launcher(name, "sinkhorn")
-    except ValueError:
-        raise ValueError(f"backend={name!r} has no Sinkhorn kernels; use 'torch', 'triton', 'cpu' or 'cuda'") from None
-    return name
 
 
 def _marginal(x, size, n_problems, dtype, device):
@@ -208,7 +186,7 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
         grad: "unrolled" (back-propagate through the iterations, as the paper) or "none" (no
             gradient at all: evaluation only).
         validate: check the cost's values (finite, ≥ 0; a host synchronisation).
-        backend: "auto", "torch", "triton", "cpu" or "cuda" (the C++ backends run the forward; the
+        backend: "auto", "torch", "triton" or "native" (the C++ backend runs the forward; the
             backward is the torch backend's).
 
     Returns:
@@ -266,7 +244,7 @@ def sinkhorn_kd_loss(student_logits, teacher_logits, *, temperature=1.0, eps=0.1
         eps, n_iters: Sinkhorn regularisation (the cost is in [0, 2]) and iteration count.
         labels: (…) int; rows equal to ``ignore_index`` get zero mass. No rows left: loss 0.
         grad: "unrolled" or "none" (no gradient at all: evaluation only).
-        backend: "auto", "torch", "triton", "cpu" or "cuda" (the C++ backends run the forward; the
+        backend: "auto", "torch", "triton" or "native" (the C++ backend runs the forward; the
             backward is the torch backend's).
 
     Returns:

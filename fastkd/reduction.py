@@ -1,37 +1,6 @@
-"""Rows in, reduction out, for every public loss: how (…, V) inputs become the rows the ops
-take, and how per-row losses become the requested output."""
+"""Reductions of every public loss: how per-row losses become the requested output."""
 
 import torch
-
-
-def as_rows(x):
-    """(…, V) logits → (N, V) for inputs of up to two dims, else (B, T, V), over the same memory
-    where possible.
-
-    Shifted LLM logits such as ``logits[:, :-1]`` cannot be flattened to (N, V) without a copy;
-    the kernels address (B, T, V) tensors directly instead. Tensors of the same shape always get
-    the same layout, so student and teacher rows line up. Rare layouts are copied once.
-    """
-    if x.dim() <= 3:
-        return x.reshape(-1, x.shape[-1]) if x.dim() <= 2 else x
-    leading = x.dim() - 2
-    if all(x.shape[k] == 1 or x.stride(k) == x.stride(k + 1) * x.shape[k + 1] for k in range(leading - 1)):
-        return x.view(-1, x.shape[-2], x.shape[-1])
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
-
-
-def row_shape(x):
-    """(rows, V, inner) of an as_rows tensor: 2-D (N, V) or 3-D (B, T, V); inner = T, or 1 for 2-D."""
-    n_cols = x.shape[-1]
-    return (x.numel() // n_cols if n_cols else 0), n_cols, (x.shape[1] if x.dim() == 3 else 1)
-
-
-def row_layout(x):
-    """(stride_outer, stride_inner, stride_col) of the rows of an as_rows tensor, in elements: row r
-    starts at (r // inner)·stride_outer + (r % inner)·stride_inner (every kernel addresses rows so)."""
-    if x.dim() == 2:
-        return x.stride(0), 0, x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def reduce_rows(row_loss, leading_shape, reduction, normalizer=None, labels=None, ignore_index=-100):

@@ -1,5 +1,5 @@
-"""Shared test set-up: interpreter mode for Triton on machines without a GPU, seeds, devices,
-the backends under test and the tolerance table."""
+"""Shared test set-up: interpreter mode for Triton on machines without a GPU, seeds, the device,
+the backends under test (from the capability registry) and the one tolerance table."""
 
 import os
 
@@ -11,13 +11,26 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import fastkd  # noqa: E402
+from fastkd.kernels import registry  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# Backends whose kernels run on DEVICE here.
-BACKENDS = [name for name, status in fastkd.available_backends().items()
-            if status.available and DEVICE.type in status.devices]
+
+def backends_for(family):
+    """The backends that run ``family`` on DEVICE here, per the registry (auto's choice first)."""
+    return registry.usable_backends(family, DEVICE.type)
+
+
+def each_backend(*families):
+    """Parametrizes a test's ``backend`` over every backend that runs all of ``families`` here, and
+    records which (family, backend) rows the suite exercises (tests/kernels/test_registry.py)."""
+    names = [name for name in backends_for(families[0]) if all(name in backends_for(f) for f in families[1:])]
+    marks = [pytest.mark.family(family) for family in families]
+    return pytest.mark.parametrize("backend", [pytest.param(name, marks=marks) for name in names])
+
+
+# Backends of the kd_rows family: the default matrix of the logits tests.
+BACKENDS = backends_for("kd_rows")
 
 # Relative-norm tolerances ‖out − ref‖ / ‖ref‖ against float64 references, by the dtype the
 # result is stored in: losses are accumulated in fp32 whatever the inputs; gradients are
@@ -28,6 +41,11 @@ TOLERANCE = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
+# Sinkhorn against POT, per backend: float64 runs only on the torch backend; Triton and the C++
+# kernels compute in fp32 and are held to fp32 accuracy of an iterative solver.
+SINKHORN_TOLERANCE = {"torch": 1e-9, "triton": 2e-5, "native": 2e-5}
+# The fused linear losses form logits by matmul in the input dtype, then accumulate in fp32.
+FUSED_TOLERANCE = 2e-5
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +53,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+EXERCISED = pytest.StashKey()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "family(name): the registry family a backend-parametrized test exercises")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    exercised = set()
     for item in items:
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+        backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        for mark in item.iter_markers("family"):
+            if backend is not None:
+                exercised.add((mark.args[0], backend))
+    config.stash[EXERCISED] = (exercised, {item.path.name for item in items})

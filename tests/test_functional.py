@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastkd
-from conftest import BACKENDS, DEVICE, TOLERANCE
+from conftest import DEVICE, TOLERANCE, each_backend
 from reference import allowed_errors, loss_and_grad, rel_err
 
 DIVERGENCES = fastkd.DIVERGENCES
@@ -37,7 +37,7 @@ def _check(student, teacher, backend, grad_output=None, loss_tol=None, grad_tol=
     return loss, grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("n_rows,vocab", [(1, 1), (3, 7), (64, 1000), (3, 32003)])
 def test_every_divergence_matches_reference(backend, divergence, n_rows, vocab):
@@ -47,7 +47,7 @@ def test_every_divergence_matches_reference(backend, divergence, n_rows, vocab):
            reduction="none")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
 @pytest.mark.parametrize("temperature_squared", [False, True])
@@ -56,7 +56,7 @@ def test_temperatures(backend, divergence, temperature, temperature_squared):
            temperature_squared=temperature_squared, beta=0.3, skew=0.2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("student_dtype,teacher_dtype", [
     (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
@@ -68,7 +68,7 @@ def test_low_precision_inputs(backend, divergence, student_dtype, teacher_dtype)
            divergence=divergence, temperature=1.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_ignored_rows_and_mean_over_the_rest(backend, divergence):
     labels = torch.tensor([[3, -100, 7, -100], [-100, 1, 2, 0]], device=DEVICE)
@@ -77,7 +77,7 @@ def test_ignored_rows_and_mean_over_the_rest(backend, divergence):
     assert (grad[labels == -100] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored_gives_zero(backend, reduction):
     student = _logits(3, 50).requires_grad_(True)
@@ -89,7 +89,7 @@ def test_all_rows_ignored_gives_zero(backend, reduction):
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_input(backend, reduction):
     student = _logits(0, 11).requires_grad_(True)
@@ -101,7 +101,7 @@ def test_empty_input(backend, reduction):
     assert grad.shape == (0, 11)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_masked_vocabulary_entries(backend, divergence):
     # -inf in both at the same columns (masked vocabulary): zero probability, no NaN, and the
@@ -116,7 +116,7 @@ def test_masked_vocabulary_entries(backend, divergence):
     assert (grad[:, ~finite.to(DEVICE)] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
 def test_teacher_only_masked_entries(backend, divergence):
     # Teacher -inf where the student is finite: p = 0 there, q > 0; every divergence whose
@@ -134,7 +134,7 @@ def test_teacher_only_masked_entries(backend, divergence):
     assert rel_err(grad, ref_grad) <= TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_extreme_logits_stay_finite(backend, divergence):
     student = (torch.randint(-1, 2, (4, 300), device=DEVICE) * 1e4).float()
@@ -144,7 +144,7 @@ def test_extreme_logits_stay_finite(backend, divergence):
     _check(student, teacher, backend, divergence=divergence)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_non_contiguous_and_shifted_layouts(backend, divergence):
     base_s, base_t = _logits(3, 9, 200), _logits(3, 9, 200)
@@ -158,7 +158,7 @@ def test_non_contiguous_and_shifted_layouts(backend, divergence):
     _check(_logits(50), _logits(50), backend, divergence=divergence)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 def test_normalizer_replaces_the_row_count(backend):
     labels = torch.tensor([1, -100, 2, 3, -100], device=DEVICE)
     for normalizer in (7, 2.5, torch.tensor(11, device=DEVICE)):
@@ -166,7 +166,7 @@ def test_normalizer_replaces_the_row_count(backend):
                normalizer=normalizer)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 def test_teacher_gets_no_gradient(backend):
     student = _logits(4, 33).requires_grad_(True)
     teacher = _logits(4, 33).requires_grad_(True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastkd
-from conftest import BACKENDS, DEVICE, TOLERANCE
-from fastkd.backends import fused_linear
+from conftest import DEVICE, TOLERANCE, each_backend
+from fastkd.kernels.fused_linear import driver
 from reference import fused_linear_loss as reference_loss
 from reference import rel_err
 
@@ -55,11 +55,11 @@ def _check(tensors, labels=None, grad_output=None, grad_tol=None, **options):
     return loss
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows", "ce")
 @pytest.mark.parametrize("divergence", fastkd.DIVERGENCES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_every_divergence_with_hard_loss_biases_and_padding(backend, divergence, reduction, monkeypatch):
-    monkeypatch.setitem(fused_linear.BLOCK_ELEMENTS, DEVICE.type, 4 * 1271)  # several row blocks
+    monkeypatch.setitem(driver.BLOCK_ELEMENTS, DEVICE.type, 4 * 1271)  # several row blocks
     tensors = _problem(padded=5)
     tensors["student_bias"] = torch.randn(1276, device=DEVICE) * 0.1
     tensors["teacher_bias"] = torch.randn(1276, device=DEVICE) * 0.1
@@ -67,14 +67,14 @@ def test_every_divergence_with_hard_loss_biases_and_padding(backend, divergence,
            soft_weight=0.7, hard_weight=0.4, vocab_size=1271, reduction=reduction, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows", "ce")
 @pytest.mark.parametrize("reduction,normalizer", [("sum", None), ("mean", 13.0), ("mean", None)])
 def test_reductions_without_labels_or_hard_loss(backend, reduction, normalizer):
     _check(_problem(n_rows=6, vocab=333), divergence="reverse_kl", temperature_squared=True, temperature=1.5,
            reduction=reduction, normalizer=normalizer, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows", "ce")
 def test_batched_hidden_states_and_a_frozen_weight(backend):
     tensors = _problem(leading=(2, 5), vocab=257)
     labels = _labels((2, 5), 257)
@@ -90,7 +90,7 @@ def test_batched_hidden_states_and_a_frozen_weight(backend):
     assert rel_err(loss, ref) < 2e-5 and rel_err(grad, ref_grad) < 2e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows", "ce")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(backend, dtype):
     # Logits are formed in the input dtype, as an eager matmul would: compare with the reference
@@ -109,7 +109,7 @@ def test_low_precision(backend, dtype):
         assert grad.dtype == dtype and rel_err(grad, ref_grad) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows", "ce")
 def test_all_rows_ignored_and_empty_input(backend):
     tensors = _problem(n_rows=4, vocab=50)
     tensors = {k: v.requires_grad_(k.startswith("student")) for k, v in tensors.items()}
@@ -132,7 +132,7 @@ def test_module_matches_function():
     assert torch.equal(module(**tensors), expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows", "ce")
 def test_opcheck_and_compile(backend):
     tensors = _problem(n_rows=3, vocab=40, student_h=8, teacher_h=6)
     sh, sw, th, tw = (tensors[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight"))
@@ -142,10 +142,10 @@ def test_opcheck_and_compile(backend):
     scale = torch.full((3,), 0.5, device=DEVICE)
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_weighted.default,
                           (sh, sw, None, th, tw, None, None, None, labels, scale, scale, "jsd", 2.0, 0.3,
-                           "renormalize", -100, True, backend, True, True, False))
+                           "renormalize", -100, True, backend, backend, True, True, False))
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_rows.default,
                           (sh, sw, None, th, tw, None, None, None, labels, "forward_kl", 1.0, 0.0, "renormalize",
-                           -100, True, backend))
+                           -100, True, backend, backend))
 
     def step(sh, sw, th, tw, labels):
         return fastkd.fused_linear_kd_loss(sh, sw, th, tw, labels, hard_weight=0.5, backend=backend)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validation
-from ..backends import resolve_backend
+from ..kernels import registry
+from ..kernels.layout import as_rows
 from ..ops import kl_div_rows
-from ..reduction import as_rows
+from ..options import KLDivOptions
 
 _REDUCTIONS = ("none", "batchmean", "sum", "mean")
 
@@ -36,8 +37,8 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
     if not fused:
         return F.kl_div(input, target, reduction=reduction, log_target=log_target)
 
-    backend = resolve_backend("auto", input.device, (input.dtype, target.dtype))
-    total = kl_div_rows(as_rows(input), as_rows(target), log_target, backend).sum()
+    backend = registry.select("kl_div", "auto", input.device, (input.dtype, target.dtype))
+    total = kl_div_rows(as_rows(input), as_rows(target), KLDivOptions(log_target, backend)).sum()
     if reduction == "mean":
         total = total / input.numel()
     elif reduction == "batchmean":

@@ -18,8 +18,8 @@ teacher exactly as in TRL.
 import torch
 
 from ..divergences import make_spec, safe_weighted
-from ..backends.torch_ref import compute_dtype
 from ..functional import kd_loss
+from ..kernels.layout import compute_dtype
 
 IGNORE_INDEX = -100
 

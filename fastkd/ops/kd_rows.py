@@ -1,71 +1,59 @@
-"""Custom ops for the per-row divergence of (N, V) logits: schema, fake impl, autograd.
+"""Custom ops of the kd_rows family: schema, fake impl, autograd; no kernel choice here.
 
 ``fastkd::kd_rows`` returns the per-row loss plus the (N, 5) statistics its backward needs
-(see backends/torch_ref.py for their columns); ``fastkd::kd_rows_backward`` recomputes p and q
-from them and writes ∂/∂student. Reductions, T² and normalisation happen outside, in plain
-differentiable torch code on (N,) tensors.
+(kernels/logits/contract.py); ``fastkd::kd_rows_backward`` recomputes p and q from them and
+writes ∂/∂student. Reductions, T² and normalisation happen outside, in plain differentiable torch
+code on (N,) tensors.
 """
 
 import math
-from typing import Optional
 
 import torch
 
-from ..backends import launcher, torch_ref
-from ..divergences import DivergenceSpec
+from ..kernels import registry
+from ..kernels.layout import compute_dtype
+from ..kernels.logits.contract import N_STATS
+from ..options import KDOptions
+from .schema import define, flatten, no_gradients, unflatten
 
 
-@torch.library.custom_op("fastkd::kd_rows", mutates_args=())
-def kd_rows(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    divergence: str,
-    temperature: float,
-    param: float,
-    ignore_index: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernels(options, tensor):
+    return registry.implementation("kd_rows", options.backend, tensor.device.type)
+
+
+@define("kd_rows", "Tensor student, Tensor teacher, Tensor? labels", KDOptions, "(Tensor, Tensor)")
+def _kd_rows(student, teacher, labels, *values):
     """student, teacher: (N, V) or (B, T, V); labels: (N,) or None, N the number of rows.
-    Returns (loss (N,), stats (N, 5))."""
-    spec = DivergenceSpec(divergence, temperature, param)
-    return launcher(backend).kd_rows_forward(student, teacher, labels, spec, ignore_index)
+    Returns (loss (N,), stats (N, 5)) in the compute dtype."""
+    options, _ = unflatten(KDOptions, values)
+    return _kernels(options, student).kd_rows_forward(student, teacher, labels, options.spec, options.ignore_index)
 
 
-@kd_rows.register_fake
-def _kd_rows_fake(student, teacher, labels, divergence, temperature, param, ignore_index, backend):
-    dtype = torch_ref.compute_dtype(student, teacher)
+@_kd_rows.register_fake
+def _kd_rows_fake(student, teacher, labels, *values):
+    dtype = compute_dtype(student, teacher)
     n_rows = math.prod(student.shape[:-1])
-    return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, torch_ref.N_STATS, dtype=dtype)
+    return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, N_STATS, dtype=dtype)
 
 
-@torch.library.custom_op("fastkd::kd_rows_backward", mutates_args=())
-def kd_rows_backward(
-    grad_loss: torch.Tensor,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    stats: torch.Tensor,
-    divergence: str,
-    temperature: float,
-    param: float,
-    ignore_index: int,
-    backend: str,
-) -> torch.Tensor:
+@define("kd_rows_backward", "Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats",
+        KDOptions, "Tensor")
+def _kd_rows_backward(grad_loss, student, teacher, labels, stats, *values):
     """Returns ∂output/∂student: the student's shape and dtype."""
-    spec = DivergenceSpec(divergence, temperature, param)
-    return launcher(backend).kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index)
+    options, _ = unflatten(KDOptions, values)
+    return _kernels(options, student).kd_rows_backward(grad_loss, student, teacher, labels, stats, options.spec,
+                                                       options.ignore_index)
 
 
-@kd_rows_backward.register_fake
+@_kd_rows_backward.register_fake
 def _kd_rows_backward_fake(grad_loss, student, *args):
     return student.new_empty(student.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, labels, divergence, temperature, param, ignore_index, backend = inputs
+    student, teacher, labels, *values = inputs
     ctx.save_for_backward(student, teacher, labels, output[1])
-    ctx.options = (divergence, temperature, param, ignore_index, backend)
+    ctx.options = tuple(values)
 
 
 def _backward(ctx, grad_loss, grad_stats):
@@ -73,9 +61,14 @@ def _backward(ctx, grad_loss, grad_stats):
     student, teacher, labels, stats = ctx.saved_tensors
     grad_student = None
     if ctx.needs_input_grad[0]:
-        grad_student = kd_rows_backward(grad_loss, student, teacher, labels, stats, *ctx.options)
+        grad_student = _kd_rows_backward(grad_loss, student, teacher, labels, stats, *ctx.options)
     # The teacher is a constant of the loss: it never receives a gradient.
-    return grad_student, None, None, None, None, None, None, None
+    return (grad_student, None, None, *no_gradients(KDOptions))
 
 
-kd_rows.register_autograd(_backward, setup_context=_setup_context)
+_kd_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kd_rows(student, teacher, labels, options):
+    """Per-row divergence of (N, V) or (B, T, V) logits: (loss (N,), stats (N, 5))."""
+    return _kd_rows(student, teacher, labels, *flatten(options))

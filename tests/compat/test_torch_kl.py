@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import BACKENDS, DEVICE
+from conftest import DEVICE, each_backend
 from fastkd.compat import KLDivLoss, kl_div
 from reference import rel_err
 
@@ -76,7 +76,7 @@ def test_bad_reduction():
         kl_div(*_inputs(2, 3), reduction="avg")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kl_div")
 @pytest.mark.parametrize("log_target", [False, True])
 def test_every_backend_kernel_matches_float64(backend, log_target):
     # kl_div picks its backend itself; here each backend's kernels run directly.
@@ -93,7 +93,7 @@ def test_every_backend_kernel_matches_float64(backend, log_target):
     assert rel_err(rows, ref_rows) < 5e-6 and rel_err(grad, ref_grad) < 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kl_div")
 def test_negative_targets_give_nan_as_in_torch(backend):
     # PyTorch: target·(log target − input) is NaN for a negative target; 'none' and the reducing
     # forms must agree on it (they once disagreed: 'sum' skipped such entries).

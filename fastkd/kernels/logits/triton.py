@@ -1,4 +1,4 @@
-"""Triton kernels for the divergences from logits, with their launchers.
+"""Triton kernels of the kd_rows family (divergences from logits), with their launchers.
 
 One program per row streams the vocabulary in BLOCK_V chunks:
   * forward_kl / reverse_kl: one pass (online max/sum-exp of both distributions plus a shifted
@@ -13,22 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reduction import row_layout, row_shape
-from .rows import launch_config, row_offset
+from ..layout import row_layout, row_shape
+from ..triton_rows import launch_config, row_offset
+from . import contract
 
 # Kernel codes of the divergences (constexpr: each divergence compiles its own kernel).
-FORWARD_KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-SKEW_FORWARD_KL = tl.constexpr(3)
-SKEW_REVERSE_KL = tl.constexpr(4)
-TVD = tl.constexpr(5)
-DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
-                    "skew_reverse_kl": 4, "tvd": 5}
+FORWARD_KL = tl.constexpr(contract.DIVERGENCE_CODES["forward_kl"])
+REVERSE_KL = tl.constexpr(contract.DIVERGENCE_CODES["reverse_kl"])
+JSD = tl.constexpr(contract.DIVERGENCE_CODES["jsd"])
+SKEW_FORWARD_KL = tl.constexpr(contract.DIVERGENCE_CODES["skew_forward_kl"])
+SKEW_REVERSE_KL = tl.constexpr(contract.DIVERGENCE_CODES["skew_reverse_kl"])
+TVD = tl.constexpr(contract.DIVERGENCE_CODES["tvd"])
 
-# Running maxima start finite: exp(m_old − m_new) of two -inf would be NaN on masked prefixes.
-NEG_START = tl.constexpr(-1e30)
-N_STATS = tl.constexpr(5)  # per-row statistics, columns as in backends/torch_ref.py
+NEG_START = tl.constexpr(contract.NEG_START)
+N_STATS = tl.constexpr(contract.N_STATS)  # columns: contract.STATS_COLUMNS
 
 
 @triton.jit
@@ -262,7 +260,7 @@ def kd_backward_kernel(
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V), fp32|fp16|bf16, one device; labels: (N,) int or None.
 
-    Returns (loss (N,), stats (N, 5)) in fp32, zeros on ignored rows (stats as in torch_ref.py).
+    Returns (loss (N,), stats (N, 5)) in fp32, zeros on ignored rows (stats: contract.STATS_COLUMNS).
     """
     n_rows, n_cols, inner = row_shape(student)
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
@@ -279,7 +277,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     else:
         kd_two_pass_forward_kernel[(n_rows,)](
             *args, spec.param, spec.log_param, spec.log1m_param,
-            DIVERGENCE=DIVERGENCE_CODES[spec.name], **common)
+            DIVERGENCE=contract.DIVERGENCE_CODES[spec.name], **common)
     return loss, stats
 
 
@@ -296,6 +294,6 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
         grad, student, teacher, labels if labels is not None else grad_loss, grad_loss, stats,
         n_cols, inner, *row_layout(student), *row_layout(teacher), spec.inv_temperature, ignore_index,
         spec.param, spec.log_param, spec.log1m_param,
-        DIVERGENCE=DIVERGENCE_CODES[spec.name], HAS_LABELS=labels is not None,
+        DIVERGENCE=contract.DIVERGENCE_CODES[spec.name], HAS_LABELS=labels is not None,
         BLOCK_V=block_v, num_warps=num_warps)
     return grad

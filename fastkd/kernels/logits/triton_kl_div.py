@@ -1,4 +1,4 @@
-"""Triton kernels for torch.nn.KLDivLoss semantics (log-probability input), with launchers.
+"""Triton kernels of the kl_div family (torch.nn.KLDivLoss semantics (log-probability input), with launchers.
 
 Forward: one pass per row summing target·(log target − input); backward: one pass writing
 −target_prob · grad_row. No (N, V) temporary besides the gradient itself.
@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reduction import row_layout, row_shape
-from .rows import launch_config, row_offset
+from ..layout import row_layout, row_shape
+from ..triton_rows import launch_config, row_offset
 
 
 @triton.jit

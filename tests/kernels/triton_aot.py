@@ -1,6 +1,6 @@
 """Compiles every Sinkhorn Triton kernel variant to a cubin for sm_90 with Triton's own compiler
 (no GPU needed). Run without TRITON_INTERPRET; exits non-zero if any variant fails to compile.
-Used by tests/test_sinkhorn.py; ``python tests/triton_aot.py`` prints each variant."""
+Used by tests/kernels/test_sinkhorn.py; ``python tests/kernels/triton_aot.py`` prints each variant."""
 
 import sys
 
@@ -8,7 +8,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import fastkd.backends.triton.sinkhorn as kernels
+import fastkd.kernels.sinkhorn.triton as kernels
 
 _INTS = {"N", "M", "max_iter", "n_problems"}
 _FLOATS = {"eps", "inv_eps", "tol"}

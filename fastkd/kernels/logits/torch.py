@@ -1,4 +1,5 @@
-"""Pure-PyTorch backend: the divergence formulas applied to chunks of rows.
+"""Pure-PyTorch implementation of the logits families (kd_rows, kl_div, ce): the divergence
+formulas of fastkd/divergences.py applied to chunks of rows.
 
 Runs on any device and dtype (float64 included, which makes it the oracle for gradcheck).
 Extra memory is bounded by ``CHUNK_ELEMENTS`` compute-dtype elements per temporary, whatever N is.
@@ -8,43 +9,22 @@ import math
 
 import torch
 
-from .. import divergences
+from ... import divergences
+from ..layout import compute_dtype, row_chunks, rows_slice
+from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS
 
 # Elements of one (rows × V) temporary: 1M fp32 elements = 4 MiB; JSD keeps about a dozen alive.
 CHUNK_ELEMENTS = 1 << 20
 
 
-def compute_dtype(*tensors):
-    """The dtype fastkd computes in for these inputs: float64 if any is float64, else float32.
-    The one rule every backend, op fake and public function uses."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _row_chunks(n_rows, n_cols):
-    rows = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    for start in range(0, n_rows, rows):
-        yield start, min(start + rows, n_rows)
-
-
-def _rows(x, start, stop):
-    """Rows [start, stop) of a 2-D (N, V) or 3-D (B, T, V) tensor, as a (rows, V) tensor."""
-    if x.dim() == 2:
-        return x[start:stop]
-    if x.is_contiguous():
-        return x.view(-1, x.shape[-1])[start:stop]
-    index = torch.arange(start, stop, device=x.device)
-    return x[index // x.shape[1], index % x.shape[1]]  # gathers this chunk only
+    return row_chunks(n_rows, n_cols, CHUNK_ELEMENTS)
 
 
 def _active_rows(labels, ignore_index, start, stop):
     if labels is None:
         return None
     return labels[start:stop] != ignore_index
-
-
-# Columns of the (N, 5) per-row statistics saved by the forward for the backward.
-MAX_S, LOG_SUM_S, MAX_T, LOG_SUM_T, AUX = range(5)
-N_STATS = 5
 
 
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
@@ -61,8 +41,8 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     stats = torch.empty(n_rows, N_STATS, dtype=dtype, device=student.device)
     inv_t = spec.inv_temperature
     for start, stop in _row_chunks(n_rows, n_cols):
-        s = _rows(student, start, stop).to(dtype) * inv_t
-        t = _rows(teacher, start, stop).to(dtype) * inv_t
+        s = rows_slice(student, start, stop).to(dtype) * inv_t
+        t = rows_slice(teacher, start, stop).to(dtype) * inv_t
         max_s, log_sum_s = divergences.log_softmax_parts(s)
         max_t, log_sum_t = divergences.log_softmax_parts(t)
         lq = divergences.log_probs(s, max_s, log_sum_s)
@@ -89,9 +69,9 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     inv_t = spec.inv_temperature
     for start, stop in _row_chunks(n_rows, n_cols):
         row_stats = stats[start:stop].to(dtype)
-        lq = divergences.log_probs(_rows(student, start, stop).to(dtype) * inv_t,
+        lq = divergences.log_probs(rows_slice(student, start, stop).to(dtype) * inv_t,
                                    row_stats[:, MAX_S], row_stats[:, LOG_SUM_S])
-        lp = divergences.log_probs(_rows(teacher, start, stop).to(dtype) * inv_t,
+        lp = divergences.log_probs(rows_slice(teacher, start, stop).to(dtype) * inv_t,
                                    row_stats[:, MAX_T], row_stats[:, LOG_SUM_T])
         g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX])
         g = g * (grad_loss[start:stop].to(dtype) * inv_t)[:, None]
@@ -114,8 +94,8 @@ def kl_div_rows_forward(input, target, log_target):
     dtype = compute_dtype(input, target)
     out = torch.empty(n_rows, dtype=dtype, device=input.device)
     for start, stop in _row_chunks(n_rows, n_cols):
-        x = _rows(input, start, stop).to(dtype)
-        y = _rows(target, start, stop).to(dtype)
+        x = rows_slice(input, start, stop).to(dtype)
+        y = rows_slice(target, start, stop).to(dtype)
         prob, log_prob = (y.exp(), y) if log_target else (y, y.log())
         # 0 where the target is 0 (even against input = -inf); NaN where it is negative, as PyTorch.
         out[start:stop] = torch.where(prob == 0, 0.0, prob * (log_prob - x)).sum(-1)
@@ -130,7 +110,7 @@ def kl_div_rows_backward(grad_rows, input, target, log_target):
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     grad_rows_out = grad.view(-1, n_cols)
     for start, stop in _row_chunks(n_rows, n_cols):
-        y = _rows(target, start, stop).to(dtype)
+        y = rows_slice(target, start, stop).to(dtype)
         prob = y.exp() if log_target else y
         grad_rows_out[start:stop] = -prob * grad_rows[start:stop].to(dtype)[:, None]
     return grad
@@ -145,7 +125,7 @@ def ce_rows_forward(logits, labels, ignore_index):
     n_rows, n_cols = logits.shape
     dtype = compute_dtype(logits)
     loss = torch.empty(n_rows, dtype=dtype, device=logits.device)
-    stats = torch.empty(n_rows, 2, dtype=dtype, device=logits.device)
+    stats = torch.empty(n_rows, N_CE_STATS, dtype=dtype, device=logits.device)
     for start, stop in _row_chunks(n_rows, n_cols):
         x = logits[start:stop].to(dtype)
         label = labels[start:stop]

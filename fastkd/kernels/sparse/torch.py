@@ -1,4 +1,5 @@
-"""Divergences against a sparse (top-k, offline) teacher, on blocks of student logits (pure torch).
+"""Pure-PyTorch implementation of the sparse_kd family: divergences against a sparse (top-k,
+offline) teacher, on blocks of student logits.
 
 The teacher of a row is k token ids S and their log-probabilities. Two ways to treat the mass
 the top-k leaves out (``missing_mass``):
@@ -21,14 +22,16 @@ import math
 
 import torch
 
-from .. import divergences
-from .torch_ref import _row_chunks, compute_dtype
+from ... import divergences
+from ..layout import compute_dtype, row_chunks
+from .contract import TAIL_FLOOR
 
-MISSING_MASS = ("renormalize", "tail")
-SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")
-# Leftover teacher mass below this (top-k mass rounding to ≥ 1) is treated as this much, so that
-# reverse KL stays finite: the student's own leftover is then compared against ~0.
-TAIL_FLOOR = 1e-12
+# Elements of one (rows × V) temporary, as the logits families' torch implementation.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(n_rows, n_cols):
+    return row_chunks(n_rows, n_cols, CHUNK_ELEMENTS)
 
 
 def _kl_and_grad_on_buckets(name, log_p, log_q):

@@ -3,7 +3,7 @@
 One program per problem runs all of that problem's iterations in a single launch and stops on
 its own when its marginal error reaches tol (a device-side while loop: no host synchronisation,
 no lock-step with the other problems). The math and the internal potentials f̃, g̃ are those of
-backends/torch_sinkhorn.py.
+sinkhorn/torch.py.
 
   * tile kernels (n, m ≤ 128): the cost tile is read once, scaled by 1/ε, and kept in registers
     for every iteration; a shared (n, m) cost is the same tile for every program, so B programs
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch_sinkhorn import kernel_outputs
+from .contract import allocate_outputs
 
 # Running maxima start finite: exp(m_old − m_new) of two -inf would be NaN on empty prefixes.
 NEG_START = tl.constexpr(-1e30)
@@ -638,13 +638,13 @@ def _stream_config(n, m):
 
 def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     """cost: (n, m) shared or (B, n, m), fp32|fp16|bf16; a: (B, n), b: (B, m) fp32 (stride-0 views
-    allowed). Returns the tuple of backends/torch_sinkhorn.sinkhorn_forward, in fp32."""
+    allowed). Returns SinkhornOutputs (contract.py), in fp32."""
     device = cost.device
     n_problems, n = a.shape
     m = b.shape[1]
     a, b = a.float(), b.float()
 
-    outputs = kernel_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history=False)
+    outputs = allocate_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history=False)
     if n_problems == 0:
         return outputs
     scalars = (eps, 1.0 / eps, max_iter, tol)
@@ -685,7 +685,7 @@ def _cost_grad(cost, a, b, f, g, coef_p, coef_c, coef_fg, eps, history):
 
 def sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f_hist, g_hist, eps, mode,
                       needs_cost, needs_a, needs_b):
-    """As backends/torch_sinkhorn.sinkhorn_backward; fp32 results."""
+    """As sinkhorn/torch.py's sinkhorn_backward; fp32 results."""
     device = cost.device
     n_problems, n = a.shape
     m = b.shape[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reference
-from fastkd.backends import native
+from fastkd.kernels import native_ext as native
 from reference import rel_err
 
 _C = pytest.importorskip("fastkd._C", reason="the compiled extension is not built (FASTKD_BUILD_EXT=0?)")
@@ -43,12 +43,12 @@ def test_extension_is_torch_abi_free():
 
 # ---------------------------------------------------------------------------------------------
 # The kd_rows / kl_div_rows kernels (csrc/cpu/kd_rows.cpp). The kd_loss matrix in
-# test_functional.py, test_properties.py, test_offsets.py and test_ops.py runs them as the "cpu"
+# test_functional.py, test_properties.py and kernels/test_logits.py runs them as the "native"
 # backend; the tests below cover what that matrix cannot see.
 # ---------------------------------------------------------------------------------------------
 
 from fastkd import available_backends  # noqa: E402
-from fastkd.backends import native_kd  # noqa: E402
+from fastkd.kernels.logits import native as native_kd  # noqa: E402
 from fastkd.divergences import make_spec  # noqa: E402
 
 _HAS_KD = hasattr(_C, "kd_rows_forward_cpu")
@@ -59,9 +59,9 @@ needs_kd = pytest.mark.skipif(not _HAS_KD, reason="fastkd._C predates the kd_row
 def test_cpu_backend_is_available_and_under_test():
     from conftest import BACKENDS, DEVICE
 
-    status = available_backends()["cpu"]
-    assert status.available and status.devices == ("cpu",), status
-    assert DEVICE.type != "cpu" or "cpu" in BACKENDS
+    status = available_backends()["kd_rows"]["native"]
+    assert status.available and "cpu" in status.devices, status
+    assert DEVICE.type != "cpu" or "native" in BACKENDS
 
 
 def _cpu_tensor_view(x):

@@ -5,13 +5,11 @@ import pytest
 import torch
 
 import fastkd
-from conftest import BACKENDS as ALL_BACKENDS
-from conftest import DEVICE
+from conftest import DEVICE, each_backend
 from ot_reference import sinkd_loss, uld_rows, wkd_kernel_domain, wkd_loss
 from reference import rel_err
 
-BACKENDS = [name for name in ALL_BACKENDS if name in ("torch", "triton")]
-TOL = {"torch": 1e-9, "triton": 3e-5}
+TOL = {"torch": 1e-9, "triton": 3e-5, "native": 3e-5}
 
 
 def _logits(*shape, scale=2.0, dtype=torch.float64):
@@ -28,7 +26,7 @@ def _grad(loss, leaf):
     return torch.autograd.grad(loss, leaf)[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn", "sinkhorn_backward")
 @pytest.mark.parametrize("with_labels", [False, True], ids=["all-classes", "target-excluded"])
 def test_wasserstein_kd_matches_per_sample_copy_reference(backend, with_labels):
     n_rows, n_classes, temperature, eps, n_iters = 5, 11, 2.0, 0.05, 10
@@ -71,7 +69,7 @@ def test_wasserstein_kd_leading_dims_and_cost_gradient():
     assert rel_err(_grad(loss, cost), _grad(ref, ref_cost)) <= 1e-9
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn", "sinkhorn_backward")
 @pytest.mark.parametrize("ignore", [False, True], ids=["all-rows", "ignored-rows"])
 def test_sinkhorn_kd_matches_reference(backend, ignore):
     n_rows, n_classes, temperature, eps, n_iters = 7, 13, 2.0, 0.1, 20

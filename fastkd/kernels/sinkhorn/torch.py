@@ -1,6 +1,7 @@
-"""Pure-PyTorch backend of the batched log-domain Sinkhorn solver (any device, float64 included).
+"""Pure-PyTorch implementation of the sinkhorn families: the batched log-domain Sinkhorn solver and
+its gradients (any device, float64 included).
 
-The math, shared with the Triton kernels (backends/triton/sinkhorn.py), in the internal form
+The math, shared with the Triton kernels (sinkhorn/triton.py), in the internal form
 whose potentials stay finite where a marginal has zero mass:
 
     u_i = log a_i + f̃_i/ε   (−inf where a_i = 0),   v_j = log b_j + g̃_j/ε
@@ -22,7 +23,8 @@ problems frozen (the Triton kernels exit per problem instead).
 
 import torch
 
-from .torch_ref import compute_dtype
+from ..layout import compute_dtype
+from .contract import SinkhornOutputs
 
 # Elements of one (problems × n × m) temporary: 4M fp32 elements = 16 MiB; about four are alive.
 CHUNK_ELEMENTS = 1 << 22
@@ -64,9 +66,7 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     """cost: (n, m) shared or (B, n, m); a: (B, n), b: (B, m) in the compute dtype (views with
     stride 0 are fine). tol < 0 runs exactly max_iter iterations.
 
-    Returns (value (B,), value_linear (B,), f̃ (B, n), g̃ (B, m), n_iter (B,) int32, err (B,),
-    plan (B, n, m) or empty, f̃ history (B, max_iter, n) or empty, g̃ history (B, max_iter, m)
-    or empty); g̃ history[t] is the g̃ the row step t used, f̃ history[t] the f̃ it produced.
+    Returns SinkhornOutputs (contract.py) in the compute dtype.
     """
     dtype = compute_dtype(cost, a, b)
     device = cost.device
@@ -123,7 +123,7 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
         n_iter[start:stop], err[start:stop] = iters, e
         if return_plan:
             plan[start:stop] = P
-    return value, value_linear, f_out, g_out, n_iter, err, plan, f_hist, g_hist
+    return SinkhornOutputs(value, value_linear, f_out, g_out, n_iter, err, plan, f_hist, g_hist)
 
 
 def _marginal_grad(log_grad, x):
@@ -220,19 +220,3 @@ def _unrolled_chunk(w_v, w_l, cs, eps, a, b, la, lb, f, g, P, n_iter, f_hist, g_
         if needs_cost:
             c_bar = c_bar + torch.where(active[:, None, None], X + Y, 0.0)
     return c_bar, la_bar, lb_bar
-
-
-def kernel_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history):
-    """The fp32 output tuple of sinkhorn_forward, allocated for a kernel to fill: (value,
-    value_linear, f, g, n_iter (int32), err, plan, f_hist, g_hist); plan and histories are empty
-    unless asked for. ``zero_history``: histories start at zero (kernels that only write the
-    iterations a problem ran, read back by the torch backward)."""
-    def new(*shape, dtype=torch.float32):
-        return torch.empty(*shape, dtype=dtype, device=device)
-
-    history = torch.zeros if zero_history else torch.empty
-    return (new(n_problems), new(n_problems), new(n_problems, n), new(n_problems, m),
-            new(n_problems, dtype=torch.int32), new(n_problems),
-            new(n_problems, n, m) if return_plan else new(0),
-            history(n_problems, max_iter, n, device=device) if save_history else new(0),
-            history(n_problems, max_iter, m, device=device) if save_history else new(0))

@@ -1,4 +1,4 @@
-"""Triton kernels for hard-label cross-entropy rows (temperature 1), with launchers.
+"""Triton kernels of the ce family: hard-label cross-entropy rows (temperature 1), with launchers.
 
 Used by the fused linear loss for its ``hard_weight`` term: the forward keeps two statistics per
 row, the backward adds the gradient into the student-logit gradient block in place, so the hard
@@ -9,9 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import launch_config
+from ..triton_rows import launch_config
+from . import contract
 
-NEG_START = tl.constexpr(-1e30)
+NEG_START = tl.constexpr(contract.NEG_START)
+N_CE_STATS = tl.constexpr(contract.N_CE_STATS)  # columns: contract.CE_STATS_COLUMNS
 
 
 @triton.jit
@@ -40,8 +42,8 @@ def ce_rows_forward_kernel(
     picked = tl.load(x_row + tl.where(in_range & active, label, 0)).to(tl.float32)
     loss = tl.where(in_range, (m - picked) + tl.log(z), float("nan"))
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
-    tl.store(stats_ptr + row * 2, tl.where(active, m, 0.0))
-    tl.store(stats_ptr + row * 2 + 1, tl.where(active, tl.log(z), 0.0))
+    tl.store(stats_ptr + row * N_CE_STATS, tl.where(active, m, 0.0))
+    tl.store(stats_ptr + row * N_CE_STATS + 1, tl.where(active, tl.log(z), 0.0))
 
 
 @triton.jit
@@ -58,8 +60,8 @@ def ce_rows_backward_kernel(
     label = tl.load(labels_ptr + row)
     if label != ignore_index:
         scale = tl.load(grad_loss_ptr + row)
-        m = tl.load(stats_ptr + row * 2)
-        log_sum = tl.load(stats_ptr + row * 2 + 1)
+        m = tl.load(stats_ptr + row * N_CE_STATS)
+        log_sum = tl.load(stats_ptr + row * N_CE_STATS + 1)
         x_row = logits_ptr + row * stride_row
         o_row = out_ptr + row * stride_out_row
         for start in range(0, V, BLOCK_V):
@@ -82,7 +84,7 @@ def ce_rows_forward(logits, labels, ignore_index):
     _check_rows(logits)
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(n_rows, contract.N_CE_STATS, dtype=torch.float32, device=logits.device)
     if n_rows:
         block_v, num_warps = launch_config(n_cols)
         ce_rows_forward_kernel[(n_rows,)](logits, labels, loss, stats, n_cols, logits.stride(0), ignore_index,

@@ -1,25 +1,20 @@
-"""Launchers of the compiled kd_rows and kl_div_rows kernels of fastkd._C (csrc/cpu/kd_rows.cpp,
-csrc/cuda/kd_rows.cu): the ``cpu`` and ``cuda`` backends. Same signatures and outputs as
-backends/torch_ref.py; the tensors' device picks the CPU or the CUDA entry point.
+"""Launchers of the compiled kd_rows and kl_div kernels of fastkd._C (csrc/cpu/kd_rows.cpp,
+csrc/cuda/kd_rows.cu): the ``native`` backend of those families. Same signatures and outputs as
+the torch implementation (logits/torch.py); the tensors' device picks the CPU or CUDA entry point.
 
 Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 statistics.
 """
 
 import torch
 
-from ..reduction import row_shape
-from .native import launch, rows_view
-
-# Must match fastkd::Divergence in csrc/include/fastkd/kd_math.h.
-DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
-                    "skew_reverse_kl": 4, "tvd": 5}
-N_STATS = 5  # columns as in backends/torch_ref.py
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..layout import row_shape
+from ..native_ext import launch, rows_view
+from .contract import DIVERGENCE_CODES, KERNEL_DTYPES, N_STATS
 
 
 def _check_pair(first_name, first, second_name, second):
     for name, x in ((first_name, first), (second_name, second)):
-        if x.dtype not in _KERNEL_DTYPES:
+        if x.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{name}: the compiled kernels take float32, float16 or bfloat16; got {x.dtype}")
         if x.dim() not in (2, 3):
             raise ValueError(f"{name} must be (N, V) or (B, T, V); got shape {tuple(x.shape)}")

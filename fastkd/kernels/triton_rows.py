@@ -1,5 +1,5 @@
-"""Row addressing and launch sizes shared by the Triton kernel families (one program per row).
-The host side of the addressing (row_shape, row_layout) lives in fastkd/reduction.py."""
+"""Row addressing and launch sizes shared by the Triton kernels of the logits families (one program
+per row). The host side of the addressing (row_shape, row_layout) lives in layout.py."""
 
 import triton
 import triton.language as tl  # noqa: F401  (Triton requires it in every module with a @triton.jit)

@@ -1,20 +1,21 @@
-"""Vocabulary-chunked distillation from hidden states: the GEMMs and the per-block losses.
+"""The block driver of the fused linear losses: vocabulary-chunked distillation from hidden states.
 
 Tokens are processed in blocks of C rows. For each block the student logits (C, V) are formed
-with one matmul (tensor cores on a GPU); the teacher of the block (dense: its own matmul and a
-logits backend, Triton kernels or the torch reference; sparse: top-k ids and log-probs) gives the
-divergence rows and, when gradients are wanted, ∂/∂(student logits); the optional hard-label
-cross-entropy adds its rows and gradient; the gradient block is at once contracted into
+with one matmul (tensor cores on a GPU); the teacher of the block (dense: its own matmul and the
+kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels) gives the divergence
+rows and, when gradients are wanted, ∂/∂(student logits); the optional hard-label cross-entropy
+(the ce kernels) adds its rows and gradient; the gradient block is at once contracted into
 grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is ever allocated:
 the workspace is three (C, V) blocks, C chosen from a fixed element budget.
-"""
 
-from dataclasses import dataclass
+This is a driver, not a backend: the kernels of each family come from the registry, on the
+backends the public function chose (options.soft_backend, options.ce_backend).
+"""
 
 import torch
 
-from . import launcher, sparse_teacher
-from .torch_ref import compute_dtype
+from .. import registry
+from ..layout import compute_dtype
 
 # Elements of one (C, V) logit block. GPU: 256M (512 MiB in bf16, three blocks live: 1.5 GiB),
 # C ≈ 2k rows at V = 128k; each block adds its grad_weight contribution with one addmm that reads
@@ -23,42 +24,37 @@ from .torch_ref import compute_dtype
 BLOCK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 21}
 
 
-@dataclass(frozen=True)
-class FusedLinearOptions:
-    ignore_index: int
-    with_hard: bool  # also compute hard-label cross-entropy rows (needs labels)
-    backend: str  # logits backend for the kd_rows and ce families
-
-
 class DenseTeacher:
     """Teacher hidden states (N, Ht) and lm_head (V, Ht) (+ bias): logit blocks by matmul."""
 
-    def __init__(self, hidden, weight, bias, spec, options):
-        self.hidden, self.weight, self.bias, self.spec, self.options = hidden, weight, bias, spec, options
-        self.kd = launcher(options.backend, "kd_rows")
+    family = "kd_rows"
+
+    def __init__(self, hidden, weight, bias):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
         self.row_dtype_source = hidden
 
-    def block(self, start, stop, student_logits, labels, scale):
+    def block(self, kernels, options, start, stop, student_logits, labels, scale):
         teacher_logits = _logits(self.hidden[start:stop], self.weight, self.bias)
-        ignore_index = self.options.ignore_index
-        soft, stats = self.kd.kd_rows_forward(student_logits, teacher_logits, labels, self.spec, ignore_index)
+        spec, ignore_index = options.spec, options.ignore_index
+        soft, stats = kernels.kd_rows_forward(student_logits, teacher_logits, labels, spec, ignore_index)
         if scale is None:
             return soft, None
-        return soft, self.kd.kd_rows_backward(scale, student_logits, teacher_logits, labels, stats, self.spec,
+        return soft, kernels.kd_rows_backward(scale, student_logits, teacher_logits, labels, stats, spec,
                                               ignore_index)
 
 
 class SparseTeacher:
-    """Top-k teacher: token ids (N, k) and log-probabilities (N, k); see sparse_teacher.py."""
+    """Top-k teacher: token ids (N, k) and log-probabilities (N, k)."""
 
-    def __init__(self, indices, logprobs, spec, missing_mass, options):
-        self.indices, self.logprobs, self.spec = indices, logprobs, spec
-        self.missing_mass, self.options = missing_mass, options
+    family = "sparse_kd"
+
+    def __init__(self, indices, logprobs):
+        self.indices, self.logprobs = indices, logprobs
         self.row_dtype_source = logprobs
 
-    def block(self, start, stop, student_logits, labels, scale):
-        return sparse_teacher.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop],
-                                         labels, self.spec, self.missing_mass, self.options.ignore_index, scale)
+    def block(self, kernels, options, start, stop, student_logits, labels, scale):
+        return kernels.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop], labels,
+                                  options.spec, options.missing_mass, options.ignore_index, scale)
 
 
 def block_rows(n_rows, vocab, device):
@@ -70,27 +66,22 @@ def _logits(hidden, weight, bias):
     return torch.matmul(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
-def _ce_launcher(backend):
-    try:
-        return launcher(backend, "ce")
-    except ValueError:  # backends without their own cross-entropy kernels use the reference
-        return launcher("torch", "ce")
-
-
 def run(student_hidden, student_weight, student_bias, teacher, labels, options, soft_scale=None,
         hard_scale=None, need=(False, False, False)):
     """Per-row soft (divergence) and hard (cross-entropy) losses and, optionally, gradients.
 
     student_hidden: (N, Hs); student_weight: (V, Hs); student_bias: (V,) or None; teacher: a
-    DenseTeacher or SparseTeacher over the same N rows; labels: (N,) int or None. With soft_scale
-    and hard_scale (N,) given, also returns the gradients of Σ soft_scale·soft + hard_scale·hard
-    with respect to the student hidden states, weight and bias, each only where ``need`` says so
-    (else None).
+    DenseTeacher or SparseTeacher over the same N rows; labels: (N,) int or None; options: a
+    FusedLinearOptions. With soft_scale and hard_scale (N,) given, also returns the gradients of
+    Σ soft_scale·soft + hard_scale·hard with respect to the student hidden states, weight and
+    bias, each only where ``need`` says so (else None).
     Returns (soft_rows (N,), hard_rows (N,), grad_hidden, grad_weight, grad_bias).
     """
     n_rows = student_hidden.shape[0]
     vocab = student_weight.shape[0]
-    ce = _ce_launcher(options.backend)
+    device_type = student_hidden.device.type
+    soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
+    ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
     ignore_index = options.ignore_index
     want_grad = soft_scale is not None
     need_hidden, need_weight, need_bias = need if want_grad else (False, False, False)
@@ -110,17 +101,18 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         block_labels = None if labels is None else labels[start:stop]
         student_logits = _logits(hidden, student_weight, student_bias)
         block_scale = None if soft_scale is None else soft_scale[start:stop]
-        soft, grad_logits = teacher.block(start, stop, student_logits, block_labels, block_scale)
+        soft, grad_logits = teacher.block(soft_kernels, options, start, stop, student_logits, block_labels,
+                                          block_scale)
         if soft_rows is None:
             soft_rows = soft.new_empty(n_rows)
             hard_rows = soft.new_zeros(n_rows)
         soft_rows[start:stop] = soft
-        if options.with_hard:
+        if ce is not None:
             hard, ce_stats = ce.ce_rows_forward(student_logits, block_labels, ignore_index)
             hard_rows[start:stop] = hard
         if not want_grad:
             continue
-        if options.with_hard:
+        if ce is not None:
             ce.ce_rows_backward(hard_scale[start:stop], student_logits, block_labels, ce_stats, ignore_index,
                                 out=grad_logits)
         if need_hidden:

@@ -10,23 +10,19 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.backends.triton.sinkhorn as triton_sinkhorn
-from fastkd.ops.sinkhorn import sinkhorn as sinkhorn_op
+import fastkd.kernels.sinkhorn.triton as triton_sinkhorn
 
-from conftest import BACKENDS as ALL_BACKENDS
-from conftest import DEVICE
+from conftest import DEVICE, SINKHORN_TOLERANCE, backends_for, each_backend
 from ot_reference import sinkhorn_loop
 from reference import rel_err
 
-# The backends with Sinkhorn kernels that run here.
-BACKENDS = [name for name in ALL_BACKENDS if name in ("torch", "triton", "cpu", "cuda")]
+BACKENDS = backends_for("sinkhorn")
+sinkhorn_op = torch.ops.fastkd.sinkhorn.default
 
 # Fixed-iteration comparisons stop POT before convergence on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
 
-# float64 runs only on the torch backend; Triton and the C++ kernels compute in fp32 and are held
-# to fp32 accuracy.
-TOL = {"torch": 1e-9, "triton": 2e-5, "cpu": 2e-5, "cuda": 2e-5}
+TOL = SINKHORN_TOLERANCE
 
 
 def _dtype(backend):
@@ -62,7 +58,7 @@ def _pot_fixed(ot, cost, a, b, eps, n_iter):
     return float((plan * cost).sum()), eps * torch.from_numpy(log["log_u"]), eps * torch.from_numpy(log["log_v"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn")
 @pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
 @pytest.mark.parametrize("eps_scale", [1.0, 1e-1, 1e-2, 1e-3])
 def test_matches_pot_iteration_by_iteration(ot, backend, shared, eps_scale):
@@ -85,7 +81,7 @@ def test_matches_pot_iteration_by_iteration(ot, backend, shared, eps_scale):
         assert rel_err(out.g[k], g) <= 10 * TOL[backend] / eps_scale
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn")
 def test_zero_masses_are_absent_rows_and_columns(ot, backend):
     """Zero-mass entries give exactly the problem with those rows/columns removed (ragged batches)."""
     B, n, m, n_iter, eps = 2, 7, 8, 15, 0.1
@@ -103,7 +99,7 @@ def test_zero_masses_are_absent_rows_and_columns(ot, backend):
         assert (out.plan[k][~rows] == 0).all() and (out.plan[k][:, ~cols] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn")
 def test_converged_solution_matches_pot_with_zero_masses(ot, backend):
     n, m, eps = 6, 5, 0.2
     cost, a, b = _problem(1, n, m, True, a_zeros=[(0, 1)], b_zeros=[(0, 4)])
@@ -117,7 +113,7 @@ def test_converged_solution_matches_pot_with_zero_masses(ot, backend):
     assert abs(float(out.value_linear) - float(res.value_linear)) <= 100 * TOL[backend]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn")
 def test_each_problem_stops_on_its_own(backend):
     """Problems converge after different iteration counts; a converged one is frozen, so its result
     equals solving it alone, whatever the others still do."""
@@ -136,7 +132,7 @@ def test_each_problem_stops_on_its_own(backend):
         assert rel_err(out.value[k], alone.value) <= TOL[backend]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn", "sinkhorn_backward")
 @pytest.mark.parametrize("eps", [1e-3, 3e-3])
 def test_small_eps_has_no_nan(backend, eps):
     dtype = _dtype(backend)
@@ -199,7 +195,7 @@ def test_envelope_marginal_gradient_equals_pot_autodiff_up_to_a_constant(ot):
     assert rel_err(ours.cpu(), theirs - theirs.mean()) <= 1e-8
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("sinkhorn", "sinkhorn_backward")
 @pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
 def test_unrolled_gradients_match_autograd_through_the_loop(backend, shared):
     B, n, m, n_iter, eps = 3, 7, 5, 9, 0.1
@@ -293,14 +289,14 @@ def test_triton_streamed_kernels(monkeypatch, shared, grad):
         assert rel_err(grad_got, grad_ref) <= 1e-5
 
 
-@pytest.mark.skipif(not {"cpu", "cuda"} & set(BACKENDS), reason="the compiled backends do not run here")
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native backend does not run here")
 @pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
 @pytest.mark.parametrize("grad", ["envelope", "unrolled"])
 def test_compiled_forward_matches_torch_backend_in_fp32(shared, grad):
     """The C++ forward (csrc/cpu, csrc/cuda) against the torch backend on the same fp32 inputs, with
     a strided (transposed) cost, zero masses, the plan and, for "unrolled", the saved histories
     that the torch backward (shared by both) reads."""
-    backend = "cuda" if "cuda" in BACKENDS else "cpu"
+    backend = "native"
     B, n, m = 3, 11, 7
     cost = torch.rand(*((m, n) if shared else (B, m, n)), device=DEVICE).transpose(-1, -2)
     a, b = _masses(B, n, dtype=torch.float32, zeros=[(1, 4)]), _masses(B, m, dtype=torch.float32, zeros=[(2, 0)])

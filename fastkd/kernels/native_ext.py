@@ -2,7 +2,7 @@
 
 import torch
 
-from ..reduction import row_layout, row_shape
+from .layout import row_layout, row_shape
 
 # Must match fastkd::DType in csrc/include/fastkd/dtypes.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -45,3 +45,23 @@ def launch(name, device, *args):
         getattr(ext, name + "_cpu")(*args, torch.get_num_threads())
     else:
         raise ValueError(f"fastkd._C runs on cpu and cuda tensors; got a tensor on {device}")
+
+
+def contract_mismatch(ext):
+    """None when the loaded fastkd._C keeps the contract of this Python package (entry points of
+    the kernel families; once it exports ``contract()``, the codes and layouts themselves), else a
+    description of the difference: a stale build must not run with mismatched codes."""
+    from .logits import contract
+
+    missing = [name for name in ("kd_rows_forward_cpu", "kl_div_rows_forward_cpu", "sinkhorn_forward_cpu")
+               if not hasattr(ext, name)]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if not hasattr(ext, "contract"):
+        return None
+    expected = {"divergence_codes": contract.DIVERGENCE_CODES, "stats_columns": list(contract.STATS_COLUMNS),
+                "ce_stats_columns": list(contract.CE_STATS_COLUMNS),
+                "dtype_codes": {str(dtype).replace("torch.", ""): code for dtype, code in DTYPE_CODES.items()}}
+    actual = ext.contract()
+    differing = [key for key in expected if actual.get(key) != expected[key]]
+    return f"{', '.join(differing)} differ" if differing else None

@@ -1,10 +1,13 @@
-"""The custom ops: torch.library.opcheck, torch.compile(fullgraph=True), gradcheck in float64."""
+"""The logits families' kernels (kd_rows, kl_div) on every backend the registry lists here: the
+custom ops under torch.library.opcheck and torch.compile(fullgraph=True), gradcheck in float64,
+and rows beyond element 2³¹. The numbers themselves are checked against float64 through the
+public functions (tests/test_functional.py, test_properties.py, compat/test_torch_kl.py)."""
 
 import pytest
 import torch
 
 import fastkd
-from conftest import BACKENDS, DEVICE, TOLERANCE
+from conftest import DEVICE, TOLERANCE, each_backend
 from reference import kd_loss as reference_kd_loss
 from reference import loss_and_grad, rel_err
 
@@ -12,7 +15,7 @@ kd_rows = torch.ops.fastkd.kd_rows.default
 kl_div_rows = torch.ops.fastkd.kl_div_rows.default
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 @pytest.mark.parametrize("divergence,param", [("forward_kl", 0.0), ("reverse_kl", 0.0), ("jsd", 0.3),
                                               ("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.2),
                                               ("tvd", 0.0)])
@@ -24,14 +27,14 @@ def test_kd_rows_opcheck(backend, divergence, param):
     torch.library.opcheck(kd_rows, (student, teacher, None, divergence, 1.0, param, -100, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 def test_kd_rows_opcheck_on_shifted_3d_view(backend):
     logits = torch.randn(2, 5, 19, device=DEVICE, requires_grad=True)
     teacher = torch.randn(2, 5, 19, device=DEVICE)
     torch.library.opcheck(kd_rows, (logits[:, :-1], teacher[:, 1:], None, "forward_kl", 1.0, 0.0, -100, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kl_div")
 @pytest.mark.parametrize("log_target", [False, True])
 def test_kl_div_rows_opcheck(backend, log_target):
     log_q = torch.log_softmax(torch.randn(3, 29, device=DEVICE), -1).requires_grad_(True)
@@ -53,7 +56,7 @@ def test_gradcheck_torch_backend_float64(divergence):
     assert torch.autograd.gradcheck(loss, (student,))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@each_backend("kd_rows")
 def test_torch_compile_fullgraph(backend):
     student = torch.randn(6, 50, device=DEVICE, requires_grad=True)
     teacher = torch.randn(6, 50, device=DEVICE)
@@ -85,3 +88,41 @@ def test_torch_compile_inductor():
     loss.backward()
     ref = 3 * reference_kd_loss(student.detach(), teacher, divergence="reverse_kl")
     assert rel_err(loss, ref) < 1e-5 and torch.isfinite(student.grad).all()
+
+
+# Rows that start beyond element 2³¹: the kernels' offsets must be 64-bit. A 4 GiB bf16 buffer is
+# reserved with torch.empty but only the few rows used are ever touched (a few hundred MiB).
+
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def huge_buffer():
+    return torch.empty(2**31 + 4 * VOCAB, dtype=torch.bfloat16, device=DEVICE)
+
+
+@each_backend("kd_rows")
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_rows_past_2_pow_31(huge_buffer, backend, divergence):
+    # Row k starts at element k·2³⁰: the last row lies past 2³¹ (byte offset 2³²).
+    student = huge_buffer.as_strided((3, VOCAB), (2**30, 1))
+    student.copy_(torch.randn(3, VOCAB, device=DEVICE) * 2)
+    teacher = huge_buffer.as_strided((3, VOCAB), (2**30, 1), storage_offset=2 * VOCAB)
+    teacher.copy_(torch.randn(3, VOCAB, device=DEVICE) * 2)
+    student.requires_grad_(True)
+    loss = fastkd.kd_loss(student, teacher, divergence=divergence, reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_loss, ref_grad = loss_and_grad(student, teacher, divergence=divergence, reduction="sum")
+    assert rel_err(loss, ref_loss) < 5e-6
+    assert rel_err(grad, ref_grad) < 1.6e-2
+
+
+@each_backend("kd_rows")
+def test_3d_rows_past_2_pow_31(huge_buffer, backend):
+    # (B, T, V) addressing: batch stride 2³⁰, so batch 2 starts past 2³¹.
+    student = huge_buffer.as_strided((3, 2, VOCAB), (2**30, VOCAB, 1))
+    student.copy_(torch.randn(3, 2, VOCAB, device=DEVICE))
+    teacher = torch.randn(3, 2, VOCAB, device=DEVICE)
+    loss = fastkd.kd_loss(student, teacher, divergence="reverse_kl", reduction="none", backend=backend)
+    ref_loss, _ = loss_and_grad(student, teacher, divergence="reverse_kl", reduction="none")
+    assert rel_err(loss, ref_loss) < 5e-6

@@ -1,18 +1,18 @@
 """Launcher of the compiled Sinkhorn forward of fastkd._C (csrc/cpu/sinkhorn.cpp,
-csrc/cuda/sinkhorn.cu): the ``cpu`` and ``cuda`` backends of the sinkhorn family. Same signatures
-and outputs as backends/torch_sinkhorn.py, in fp32; the tensors' device picks the entry point.
+csrc/cuda/sinkhorn.cu): the ``native`` backend of the sinkhorn family. Same signature and outputs
+as sinkhorn/torch.py, in fp32; the tensors' device picks the CPU or CUDA entry point.
 
 Only the forward is compiled. The backward (envelope: P and the centred potentials; unrolled:
-the reverse pass over the saved f̃, g̃ histories) is the torch backend's, run on the fp32 outputs
-of this forward: the op passes exactly those tensors, so mixing is exact. On a GPU that backward
+the reverse pass over the saved f̃, g̃ histories) is the torch implementation's (the registry's
+sinkhorn_backward row of this backend), run on the fp32 outputs of this forward: the op passes
+exactly those tensors, so mixing is exact. On a GPU that backward
 runs every saved iteration with masks (no host synchronisation) rather than stopping early.
 """
 
 import torch
 
-from .native import DTYPE_CODES, launch
-from .torch_sinkhorn import kernel_outputs
-from .torch_sinkhorn import sinkhorn_backward  # noqa: F401  (the backward of this backend, see above)
+from ..native_ext import DTYPE_CODES, launch
+from .contract import allocate_outputs
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,7 +26,7 @@ def _cost_view(cost):
 def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     """cost: (n, m) shared or (B, n, m), fp32|fp16|bf16; a: (B, n), b: (B, m) (stride-0 views
     allowed). tol < 0 runs exactly max_iter iterations. Returns the tuple of
-    backends/torch_sinkhorn.sinkhorn_forward, in fp32 (n_iter int32)."""
+    sinkhorn/torch.py's sinkhorn_forward (SinkhornOutputs), in fp32 (n_iter int32)."""
     if cost.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"cost: the compiled Sinkhorn kernels take float32, float16 or bfloat16; got {cost.dtype}")
     if cost.dim() not in (2, 3):
@@ -42,7 +42,7 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     b = b.to(torch.float32).contiguous()
 
     # Histories are zero after each problem's last iteration, as the torch backend leaves them.
-    outputs = kernel_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history=True)
+    outputs = allocate_outputs(n_problems, n, m, max_iter, save_history, return_plan, device, zero_history=True)
     if n_problems == 0:
         return outputs
     args = (n_problems, n, m, _cost_view(cost), a.data_ptr(), b.data_ptr(), float(eps), int(max_iter), float(tol),

@@ -1,0 +1,29 @@
+"""The contract of the logits families (kd_rows, kl_div, ce) that every backend keeps.
+
+The C++ side holds the same numbers (csrc/include/fastkd/logits/); the registry compares them
+with ``fastkd._C.contract()`` at import and reports a drifted build as unavailable.
+"""
+
+import torch
+
+# Kernel codes of the divergences (Triton constexprs, C++ enum values).
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4,
+                    "tvd": 5}
+
+# Columns of the (N, 5) per-row statistics the kd_rows forward saves for its backward: the max and
+# log-sum-exp offset of student / T and of teacher / T (kept apart: (x − max) − log_sum keeps the
+# precision of ±1e4 logits that x − (max + log_sum) would round away), and the gradient's
+# per-row constant ``aux`` (fastkd/divergences.py). Ignored rows store zeros.
+STATS_COLUMNS = ("max_s", "log_sum_s", "max_t", "log_sum_t", "aux")
+MAX_S, LOG_SUM_S, MAX_T, LOG_SUM_T, AUX = range(len(STATS_COLUMNS))
+N_STATS = len(STATS_COLUMNS)
+
+# Columns of the (N, 2) statistics of the hard-label cross-entropy rows.
+CE_STATS_COLUMNS = ("max", "log_sum")
+N_CE_STATS = len(CE_STATS_COLUMNS)
+
+# Running maxima start finite: exp(m_old − m_new) of two -inf would be NaN on masked prefixes.
+NEG_START = -1e30
+
+# What the compiled (Triton and C++/CUDA) kernels read; float64 is the torch backend's.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

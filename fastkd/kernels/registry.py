@@ -1,0 +1,253 @@
+"""The capability registry: the one place that decides which backend runs an op.
+
+Each row says that a backend implements an op family on some device types and dtypes, with a
+priority and the module holding its launchers. ``backend="auto"`` takes the usable row of highest
+priority; a backend asked for by name must have a usable row, or ``select`` raises one error that
+lists what would serve. Rows that reuse another backend's code say so in their ``note``, which
+``available_backends()`` shows: nothing falls back silently.
+
+Availability (is Triton importable, is a CUDA device visible, is fastkd._C built and does it keep
+the Python contract) is probed once, at import, so selecting inside a ``torch.compile``d function
+is dictionary work.
+
+Adding a backend or a family: write its module, add its rows below (and, for a new backend, its
+probe in ``_probe``).
+"""
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "native")
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_ALL_FLOATS = _FLOATS + (torch.float64,)
+
+FAMILIES = {
+    "kd_rows": "divergences of temperature softmaxes from logits (kd_loss and the fused losses)",
+    "kl_div": "torch.nn.KLDivLoss terms (compat.kl_div)",
+    "ce": "hard-label cross-entropy rows (hard_weight of the fused losses)",
+    "sparse_kd": "divergences against a top-k teacher",
+    "sinkhorn": "the batched Sinkhorn forward",
+    "sinkhorn_backward": "the Sinkhorn gradients",
+}
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One row: ``backend`` implements ``family`` in ``module`` for these device types (None: every
+    device PyTorch has) and input dtypes. ``backend="auto"`` picks the usable row of highest
+    ``priority``; priority 0 rows run only when asked for by name."""
+
+    family: str
+    backend: str
+    devices: Optional[tuple]
+    dtypes: tuple
+    priority: int
+    module: str
+    note: str = ""
+
+
+_LOGITS = "fastkd.kernels.logits"
+_SINKHORN = "fastkd.kernels.sinkhorn"
+_TORCH_SPARSE = "fastkd.kernels.sparse.torch"
+
+# Priorities (docs/perf-notes.md): on a GPU Triton first, the CUDA C++ kernels next (not yet timed
+# on a GPU); on the CPU the C++ kernels beat the torch backend and eager PyTorch (2026-11-22:
+# forward_kl 175 vs 505 vs 905 ms, jsd 368 vs 1120 vs 2885 ms at N=2048, V=32000 fp32, fwd+bwd).
+# Triton on the CPU is its interpreter: for tests, never chosen by "auto".
+ROWS = (
+    Implementation("kd_rows", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton"),
+    Implementation("kd_rows", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton"),
+    Implementation("kd_rows", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native"),
+    Implementation("kd_rows", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native"),
+    Implementation("kd_rows", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch"),
+
+    Implementation("kl_div", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton_kl_div"),
+    Implementation("kl_div", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton_kl_div"),
+    Implementation("kl_div", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native"),
+    Implementation("kl_div", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native"),
+    Implementation("kl_div", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch"),
+
+    Implementation("ce", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton_ce"),
+    Implementation("ce", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton_ce"),
+    Implementation("ce", "native", ("cpu", "cuda"), _FLOATS, 5, f"{_LOGITS}.torch",
+                   note="the torch implementation: fastkd._C has no cross-entropy kernel"),
+    Implementation("ce", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch"),
+
+    Implementation("sparse_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SPARSE),
+    Implementation("sparse_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SPARSE,
+                   note="the torch implementation: there is no Triton sparse-teacher kernel"),
+    Implementation("sparse_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SPARSE,
+                   note="the torch implementation: fastkd._C has no sparse-teacher kernel"),
+
+    # The C++ Sinkhorn forward is opt-in: its CUDA part has not run on a GPU, and on the CPU it wins
+    # on many small problems but not on the WKD fwd+bwd case (docs/perf-notes.md, 2026-11-22).
+    Implementation("sinkhorn", "triton", ("cuda",), _FLOATS, 30, f"{_SINKHORN}.triton"),
+    Implementation("sinkhorn", "triton", ("cpu",), _FLOATS, 0, f"{_SINKHORN}.triton"),
+    Implementation("sinkhorn", "native", ("cpu", "cuda"), _FLOATS, 0, f"{_SINKHORN}.native"),
+    Implementation("sinkhorn", "torch", None, _ALL_FLOATS, 10, f"{_SINKHORN}.torch"),
+    Implementation("sinkhorn_backward", "triton", ("cuda",), _ALL_FLOATS, 30, f"{_SINKHORN}.triton"),
+    Implementation("sinkhorn_backward", "triton", ("cpu",), _ALL_FLOATS, 0, f"{_SINKHORN}.triton"),
+    Implementation("sinkhorn_backward", "native", ("cpu", "cuda"), _ALL_FLOATS, 0, f"{_SINKHORN}.torch",
+                   note="the torch backward, on the compiled forward's fp32 outputs"),
+    Implementation("sinkhorn_backward", "torch", None, _ALL_FLOATS, 10, f"{_SINKHORN}.torch"),
+)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run a family here, on which device types (("*",): every device), and why (not)."""
+
+    name: str
+    available: bool
+    devices: tuple
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes: (backend, device type) → (available, reason), once at import.
+# ---------------------------------------------------------------------------------------------
+
+
+def _probe_triton():
+    try:
+        triton = importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        reason = f"triton is not importable ({exc})"
+        return {"cuda": (False, reason), "cpu": (False, reason)}
+    version = f"triton {triton.__version__}"
+    cuda = (True, f"{version} on CUDA") if torch.cuda.is_available() else (
+        False, f"{version} is installed but no CUDA device is visible")
+    cpu = (True, f"{version} on its CPU interpreter (TRITON_INTERPRET=1): for tests") if (
+        os.environ.get("TRITON_INTERPRET") == "1") else (
+        False, "Triton runs on the CPU only under its interpreter (TRITON_INTERPRET=1)")
+    return {"cuda": cuda, "cpu": cpu}
+
+
+def _probe_native():
+    try:
+        native_ext = importlib.import_module("fastkd.kernels.native_ext")
+        ext = native_ext.extension()
+    except Exception as exc:
+        reason = f"the compiled extension fastkd._C is not built ({exc})"
+        return {"cuda": (False, reason), "cpu": (False, reason)}
+    drift = native_ext.contract_mismatch(ext)
+    if drift:
+        reason = f"fastkd._C does not match this fastkd ({drift}); rebuild it: pip install --no-build-isolation -e ."
+        return {"cuda": (False, reason), "cpu": (False, reason)}
+    cpu = (True, "C++ kernels of fastkd._C (OpenMP)")
+    if not ext.with_cuda:
+        cuda = (False, "fastkd._C was built without CUDA (no nvcc at build time, or FASTKD_BUILD_CUDA=0)")
+    elif torch.version.cuda is None or not torch.cuda.is_available():
+        cuda = (False, "fastkd._C has CUDA kernels but PyTorch sees no CUDA device")
+    else:
+        cuda = (True, "CUDA C++ kernels of fastkd._C")
+    return {"cpu": cpu, "cuda": cuda}
+
+
+def _probe():
+    return {"torch": {}, "triton": _probe_triton(), "native": _probe_native()}
+
+
+_PROBED = _probe()
+
+
+def _runs(backend, device_type):
+    """(available, reason) of a backend on a device type."""
+    if backend == "torch":
+        return True, "pure PyTorch"
+    return _PROBED[backend].get(device_type, (False, f"{backend} kernels do not run on {device_type!r} devices"))
+
+
+def _serves(row, device_type, dtypes):
+    return ((row.devices is None or device_type in row.devices) and all(d in row.dtypes for d in dtypes)
+            and _runs(row.backend, device_type)[0])
+
+
+def _describe(dtypes):
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+# Highest priority first, so "auto" takes the first usable row (plain loops: Dynamo traces them).
+_BY_PRIORITY = tuple(sorted(ROWS, key=lambda row: -row.priority))
+
+
+def _usable(family, device_type, dtypes):
+    return [row for row in _BY_PRIORITY if row.family == family and _serves(row, device_type, dtypes)]
+
+
+def select(family, requested, device, dtypes):
+    """The backend that runs ``family`` for inputs of ``dtypes`` on ``device``: the highest-priority
+    usable row for ``requested="auto"``, else ``requested`` itself if it can serve.
+
+    Raises ValueError naming what would serve when the request cannot be honoured.
+    """
+    if not isinstance(requested, str) or requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
+    usable = _usable(family, device.type, dtypes)
+    names = sorted({row.backend for row in usable})
+    if requested == "auto":
+        for row in usable:
+            if row.priority > 0:
+                return row.backend
+        raise ValueError(f"no fastkd backend runs {family} on device {device.type!r} for {_describe(dtypes)} inputs")
+    if requested in names:
+        return requested
+    rows = [row for row in ROWS if row.family == family and row.backend == requested]
+    if not rows:
+        why = f"backend={requested!r} has no {family} kernels"
+    elif not any(row.devices is None or device.type in row.devices for row in rows):
+        why = f"backend={requested!r} does not run {family} on {device.type!r} devices"
+    elif not _runs(requested, device.type)[0]:
+        why = f"backend={requested!r} is not available here: {_runs(requested, device.type)[1]}"
+    else:
+        why = f"backend={requested!r} does not take {_describe(dtypes)} inputs for {family}"
+    raise ValueError(f"{why}. Backends that run it on {device.type} for {_describe(dtypes)} inputs: {names}")
+
+
+def implementation(family, backend, device_type):
+    """The module holding ``backend``'s launchers of ``family`` for tensors on ``device_type``."""
+    for row in ROWS:
+        if row.family == family and row.backend == backend and (row.devices is None or device_type in row.devices):
+            return importlib.import_module(row.module)
+    raise ValueError(f"backend {backend!r} has no {family} kernels for {device_type!r} devices")
+
+
+def rows(family=None):
+    """The registry's rows, of one family or all."""
+    return tuple(row for row in ROWS if family is None or row.family == family)
+
+
+def usable_backends(family, device_type, dtypes=(torch.float32,)):
+    """Names of the backends that run ``family`` on ``device_type`` here (auto's choice first)."""
+    return list(dict.fromkeys(row.backend for row in _usable(family, device_type, dtypes)))
+
+
+def available_backends():
+    """{family: {backend: BackendStatus}} for every family and backend, usable or not, with the
+    reason per device type and the rows' notes (e.g. a backend that reuses another's code)."""
+    report = {}
+    for family in FAMILIES:
+        report[family] = {}
+        for backend in BACKENDS:
+            family_rows = [row for row in ROWS if row.family == family and row.backend == backend]
+            if not family_rows:
+                report[family][backend] = BackendStatus(backend, False, (), f"no {family} kernels")
+                continue
+            devices, reasons, notes = [], {}, []
+            for row in family_rows:
+                for device_type in ("*",) if row.devices is None else row.devices:
+                    ok, reason = _runs(backend, device_type)
+                    if ok:
+                        devices.append(device_type)
+                    reasons[device_type] = reason
+                if row.note and row.note not in notes:
+                    notes.append(row.note)
+            text = "; ".join(f"{'any device' if d == '*' else d}: {r}" for d, r in reasons.items())
+            text += "".join(f" (note: {note})" for note in notes)
+            report[family][backend] = BackendStatus(backend, bool(devices), tuple(dict.fromkeys(devices)), text)
+    return report

@@ -1,0 +1,79 @@
+"""The options of each op family, as one frozen dataclass that travels from the public function
+through the custom op (flattened into its schema by fastkd/ops/schema.py) to the kernels.
+
+Every field is a str, float, int or bool: exactly what a torch.library schema carries. Backend
+fields hold a backend already chosen by the registry (never "auto").
+"""
+
+from dataclasses import dataclass
+
+from .divergences import DivergenceSpec
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """kd_rows: a divergence of two temperature softmaxes per row."""
+
+    divergence: str
+    temperature: float
+    param: float  # beta for jsd, the skew for skew_*, 0 otherwise
+    ignore_index: int
+    backend: str
+
+    @property
+    def spec(self):
+        return DivergenceSpec(self.divergence, self.temperature, self.param)
+
+
+@dataclass(frozen=True)
+class KLDivOptions:
+    """kl_div: torch.nn.KLDivLoss's pointwise terms summed per row."""
+
+    log_target: bool
+    backend: str
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """sparse_kd: a divergence against a top-k teacher."""
+
+    divergence: str
+    temperature: float
+    missing_mass: str
+    ignore_index: int
+    backend: str
+
+    @property
+    def spec(self):
+        return DivergenceSpec(self.divergence, self.temperature)
+
+
+@dataclass(frozen=True)
+class FusedLinearOptions:
+    """The fused linear losses: the soft term (a kd_rows divergence with a dense teacher, a sparse_kd
+    one with a top-k teacher) and the optional hard cross-entropy term, each on its own backend."""
+
+    divergence: str
+    temperature: float
+    param: float
+    missing_mass: str  # used with a top-k teacher only
+    ignore_index: int
+    with_hard: bool  # also compute hard-label cross-entropy rows (needs labels)
+    soft_backend: str
+    ce_backend: str  # "" without the hard term
+
+    @property
+    def spec(self):
+        return DivergenceSpec(self.divergence, self.temperature, self.param)
+
+
+@dataclass(frozen=True)
+class SinkhornOptions:
+    """sinkhorn and sinkhorn_backward."""
+
+    eps: float
+    max_iter: int
+    tol: float  # < 0: exactly max_iter iterations
+    grad: str  # "envelope", "unrolled" or "none"
+    return_plan: bool
+    backend: str
