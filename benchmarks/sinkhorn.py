@@ -85,8 +85,8 @@ def _fastkd(backend):
     def make(case, inputs):
         if case.kind == "wkd":
             def step():
-                loss = fastkd.wasserstein_kd_loss(inputs["student"], inputs["teacher"], inputs["cost"],
-                                                  eps=case.eps, n_iters=case.n_iter, labels=inputs["labels"],
+                loss = fastkd.wasserstein_kd_loss(inputs["student"], inputs["teacher"], inputs["labels"],
+                                                  cost=inputs["cost"], eps=case.eps, max_iter=case.n_iter,
                                                   validate=False, backend=backend)
                 (grad,) = torch.autograd.grad(loss, inputs["student"])
                 return loss.detach(), grad

@@ -92,84 +92,116 @@ def make_spec(divergence, temperature=1.0, beta=0.5, skew=0.1):
 # compute dtype, formed as (x − max) − log Σexp(x − max) so that large logits (±1e4) keep their
 # precision. Masked (-inf) entries carry zero probability: every product p·log(...) is guarded
 # so that 0·(±inf) never appears.
+#
+# Every (R, V) temporary comes from ``new(like, dtype=None)``: a fresh tensor by default, or a
+# buffer of a reused workspace (kernels/torch_scratch.py), so that a chunked caller allocates
+# nothing per chunk (on the CPU each fresh multi-MiB block costs page faults, which dominated).
 # ----------------------------------------------------------------------------------------------
 
 
-def log_softmax_parts(x):
+def _fresh(like, dtype=None):
+    return torch.empty_like(like, dtype=dtype)
+
+
+def log_softmax_parts(x, new=_fresh):
     """Row max and log Σ exp(x − max) of scaled logits x: (R, V) → two (R,) tensors."""
     row_max = x.amax(dim=-1)
-    return row_max, (x - row_max[:, None]).exp().sum(-1).log()
+    shifted = torch.sub(x, row_max[:, None], out=new(x))
+    return row_max, shifted.exp_().sum(-1).log_()
 
 
-def log_probs(x, row_max, log_sum):
+def log_probs(x, row_max, log_sum, new=_fresh):
     """(x − max) − log Σ exp(x − max): (R, V)."""
-    return (x - row_max[:, None]) - log_sum[:, None]
+    return torch.sub(x, row_max[:, None], out=new(x)).sub_(log_sum[:, None])
 
 
-def safe_weighted(weight, value):
+def log_probs_and_parts(x, new=_fresh):
+    """(log-probabilities (R, V), row max (R,), log Σ exp(x − max) (R,)) of x in one fused
+    log_softmax: x − max has its maximum at exactly 0, so log_softmax's x − (max + log Σ) is the
+    two-step (x − max) − log Σ here, and log Σ is minus the largest log-probability."""
+    row_max = x.amax(dim=-1)
+    shifted = torch.sub(x, row_max[:, None], out=new(x))
+    lq = torch.log_softmax(shifted, -1, out=new(x))
+    return lq, row_max, lq.amax(dim=-1).neg_()
+
+
+def safe_weighted(weight, value, new=_fresh):
     """weight · value, with 0 wherever weight is 0 (so 0·inf = 0, the 0·log 0 convention)."""
-    return torch.where(weight > 0, weight * value, torch.zeros((), dtype=value.dtype, device=value.device))
+    product = torch.mul(weight, value, out=new(value))
+    return product.masked_fill_(torch.eq(weight, 0, out=new(weight, torch.bool)), 0.0)
 
 
-def _q_p_over_m(lq, lp, lm):
+def _kl_terms(a, log_a, log_b, new):
+    """a·(log a − log b) element-wise, 0 where a is 0."""
+    return safe_weighted(a, torch.sub(log_a, log_b, out=new(log_a)), new)
+
+
+def _q_p_over_m(lq, lp, lm, new):
     """q·p/M computed in log space; 0 where q or p is exactly 0."""
-    both = (lq > -math.inf) & (lp > -math.inf)
-    return torch.where(both, (lq + lp - lm).exp(), torch.zeros((), dtype=lq.dtype, device=lq.device))
+    ratio = torch.add(lq, lp, out=new(lq)).sub_(lm).exp_()
+    either_zero = torch.logical_or(torch.isneginf(lq, out=new(lq, torch.bool)),
+                                   torch.isneginf(lp, out=new(lp, torch.bool)), out=new(lq, torch.bool))
+    return ratio.masked_fill_(either_zero, 0.0)
 
 
-def _mixture_log(spec, lp, lq):
+def _mixture_log(spec, lp, lq, new):
     """log M for the mixture divergences."""
     if spec.name in ("jsd", "skew_forward_kl"):  # M = param·p + (1−param)·q
-        return torch.logaddexp(lp + spec.log_param, lq + spec.log1m_param)
-    if spec.name == "skew_reverse_kl":  # M = a·q + (1−a)·p
-        return torch.logaddexp(lq + spec.log_param, lp + spec.log1m_param)
-    raise AssertionError(spec.name)
+        first, second = lp, lq
+    elif spec.name == "skew_reverse_kl":  # M = a·q + (1−a)·p
+        first, second = lq, lp
+    else:
+        raise AssertionError(spec.name)
+    return torch.logaddexp(torch.add(first, spec.log_param, out=new(first)),
+                           torch.add(second, spec.log1m_param, out=new(second)), out=new(first))
 
 
-def row_loss_and_aux(spec, lq, lp):
+def row_loss_and_aux(spec, lq, lp, new=_fresh):
     """Per-row loss L and the per-row constant ``aux`` of the gradient. Returns two (R,) tensors."""
-    q, p = lq.exp(), lp.exp()
+    q, p = torch.exp(lq, out=new(lq)), torch.exp(lp, out=new(lp))
     name = spec.name
     if name == "forward_kl":
-        loss = safe_weighted(p, lp - lq).sum(-1)
+        loss = _kl_terms(p, lp, lq, new).sum(-1)
         return loss, torch.zeros_like(loss)
     if name == "reverse_kl":
-        loss = safe_weighted(q, lq - lp).sum(-1)
+        loss = _kl_terms(q, lq, lp, new).sum(-1)
         return loss, loss
     if name == "tvd":
-        loss = 0.5 * (p - q).abs().sum(-1)
-        aux = 0.5 * (q * torch.sign(q - p)).sum(-1)
+        difference = torch.sub(q, p, out=new(q))
+        loss = 0.5 * torch.abs(difference, out=new(q)).sum(-1)
+        aux = 0.5 * difference.sign_().mul_(q).sum(-1)
         return loss, aux
-    lm = _mixture_log(spec, lp, lq)
+    lm = _mixture_log(spec, lp, lq, new)
     if name == "jsd":
-        kl_q_m = safe_weighted(q, lq - lm).sum(-1)
-        loss = spec.param * safe_weighted(p, lp - lm).sum(-1) + (1 - spec.param) * kl_q_m
+        kl_q_m = _kl_terms(q, lq, lm, new).sum(-1)
+        loss = spec.param * _kl_terms(p, lp, lm, new).sum(-1) + (1 - spec.param) * kl_q_m
         return loss, kl_q_m
-    q_p_over_m = _q_p_over_m(lq, lp, lm)
+    q_p_over_m = _q_p_over_m(lq, lp, lm, new).sum(-1)
     if name == "skew_forward_kl":
-        loss = safe_weighted(p, lp - lm).sum(-1)
-        return loss, q_p_over_m.sum(-1)
+        return _kl_terms(p, lp, lm, new).sum(-1), q_p_over_m
     # skew_reverse_kl
-    loss = safe_weighted(q, lq - lm).sum(-1)
-    return loss, loss + (1 - spec.param) * q_p_over_m.sum(-1)
+    loss = _kl_terms(q, lq, lm, new).sum(-1)
+    return loss, loss + (1 - spec.param) * q_p_over_m
 
 
-def grad_scaled_student(spec, lq, lp, aux):
+def grad_scaled_student(spec, lq, lp, aux, new=_fresh):
     """∂L_row/∂s for every element: (R, V) in the compute dtype."""
-    q, p = lq.exp(), lp.exp()
+    q = torch.exp(lq, out=new(lq))
     aux = aux[:, None]
     name = spec.name
     if name == "forward_kl":
-        return q - p
+        return q.sub_(torch.exp(lp, out=new(lp)))
     if name == "reverse_kl":
-        return safe_weighted(q, lq - lp - aux)
+        return safe_weighted(q, torch.sub(lq, lp, out=new(lq)).sub_(aux), new)
     if name == "tvd":
-        return q * (0.5 * torch.sign(q - p) - aux)
-    lm = _mixture_log(spec, lp, lq)
+        sign = torch.sub(q, torch.exp(lp, out=new(lp)), out=new(q)).sign_()
+        return sign.mul_(0.5).sub_(aux).mul_(q)
+    lm = _mixture_log(spec, lp, lq, new)
     if name == "jsd":
-        return (1 - spec.param) * safe_weighted(q, lq - lm - aux)
-    q_p_over_m = _q_p_over_m(lq, lp, lm)
+        return safe_weighted(q, torch.sub(lq, lm, out=new(lq)).sub_(aux), new).mul_(1 - spec.param)
+    q_p_over_m = _q_p_over_m(lq, lp, lm, new)
     if name == "skew_forward_kl":
-        return (1 - spec.param) * (q * aux - q_p_over_m)
+        return q.mul_(aux).sub_(q_p_over_m).mul_(1 - spec.param)
     # skew_reverse_kl
-    return safe_weighted(q, lq - lm - aux) + (1 - spec.param) * q_p_over_m
+    grad = safe_weighted(q, torch.sub(lq, lm, out=new(lq)).sub_(aux), new)
+    return grad.add_(q_p_over_m.mul_(1 - spec.param))

@@ -1,10 +1,15 @@
-"""nn.Module wrappers of the public loss functions: options fixed at construction, tensors in
-``forward``."""
+"""nn.Module forms of every public loss: options fixed (and checked) at construction, tensors in
+``forward`` in the function's order (``labels`` third for the logits losses), per-call values such
+as ``normalizer`` keyword-only."""
 
-from torch import nn
+from typing import Optional, Union
 
-from . import functional
+from torch import Tensor, nn
+
+from . import functional, ot
+from . import ot_validation as ot_checks
 from .divergences import make_spec
+from .functional import FusedLoss, Normalizer
 from .validation import check_reduction
 
 
@@ -13,42 +18,46 @@ class _LossModule(nn.Module):
         super().__init__()
         self.options = options
         # Fail at construction, not at the first batch.
-        check_reduction(options["reduction"], None, None)
+        if "reduction" in options:
+            check_reduction(options["reduction"], None, None)
 
     def extra_repr(self):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
 class KDLoss(_LossModule):
-    """:func:`fastkd.kd_loss`. ``forward(student_logits, teacher_logits, labels=None, normalizer=None)``."""
+    """:func:`fastkd.kd_loss`. ``forward(student_logits, teacher_logits, labels=None, *, normalizer=None)``."""
 
-    def __init__(self, divergence="forward_kl", *, temperature=1.0, beta=0.5, skew=0.1, temperature_squared=False,
-                 ignore_index=-100, reduction="mean", backend="auto"):
+    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: float = 0.5,
+                 skew: float = 0.1, temperature_squared: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean", backend: str = "auto"):
         super().__init__(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          backend=backend)
         make_spec(divergence, temperature, beta, skew)
 
-    def forward(self, student_logits, teacher_logits, labels=None, normalizer=None):
-        return functional.kd_loss(student_logits, teacher_logits, labels=labels, normalizer=normalizer,
-                                  **self.options)
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                normalizer: Normalizer = None) -> Tensor:
+        return functional.kd_loss(student_logits, teacher_logits, labels, normalizer=normalizer, **self.options)
 
 
 class FusedLinearKDLoss(_LossModule):
     """:func:`fastkd.fused_linear_kd_loss`. ``forward(student_hidden, student_weight, teacher_hidden,
-    teacher_weight, labels=None, student_bias=None, teacher_bias=None, normalizer=None)``."""
+    teacher_weight, labels=None, *, student_bias=None, teacher_bias=None, normalizer=None)``."""
 
-    def __init__(self, divergence="forward_kl", *, soft_weight=1.0, hard_weight=0.0, vocab_size=None,
-                 temperature=1.0, beta=0.5, skew=0.1, temperature_squared=False, ignore_index=-100,
-                 reduction="mean", backend="auto"):
+    def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
+                 vocab_size: Optional[int] = None, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                 temperature_squared: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 return_components: bool = False, backend: str = "auto"):
         super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
                          vocab_size=vocab_size, temperature=temperature, beta=beta, skew=skew,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
-                         backend=backend)
+                         return_components=return_components, backend=backend)
         make_spec(divergence, temperature, beta, skew)
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-                student_bias=None, teacher_bias=None, normalizer=None):
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None, normalizer: Normalizer = None) -> Union[Tensor, FusedLoss]:
         return functional.fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                                student_bias=student_bias, teacher_bias=teacher_bias,
                                                normalizer=normalizer, **self.options)
@@ -56,35 +65,86 @@ class FusedLinearKDLoss(_LossModule):
 
 class SparseKDLoss(_LossModule):
     """:func:`fastkd.sparse_kd_loss`. ``forward(student_logits, teacher_indices, teacher_logprobs,
-    labels=None, normalizer=None)``."""
+    labels=None, *, normalizer=None)``."""
 
-    def __init__(self, divergence="forward_kl", *, temperature=1.0, missing_mass="renormalize",
-                 temperature_squared=False, ignore_index=-100, reduction="mean", validate=True, backend="auto"):
+    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, missing_mass: str = "renormalize",
+                 temperature_squared: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 validate: bool = False, backend: str = "auto"):
         super().__init__(divergence=divergence, temperature=temperature, missing_mass=missing_mass,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          validate=validate, backend=backend)
         functional._sparse_spec(divergence, temperature, missing_mass)
 
-    def forward(self, student_logits, teacher_indices, teacher_logprobs, labels=None, normalizer=None):
-        return functional.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels=labels,
+    def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
+                labels: Optional[Tensor] = None, *, normalizer: Normalizer = None) -> Tensor:
+        return functional.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels,
                                          normalizer=normalizer, **self.options)
 
 
 class FusedLinearSparseKDLoss(_LossModule):
     """:func:`fastkd.fused_linear_sparse_kd_loss`. ``forward(student_hidden, student_weight,
-    teacher_indices, teacher_logprobs, labels=None, student_bias=None, normalizer=None)``."""
+    teacher_indices, teacher_logprobs, labels=None, *, student_bias=None, normalizer=None)``."""
 
-    def __init__(self, divergence="forward_kl", *, soft_weight=1.0, hard_weight=0.0, vocab_size=None,
-                 temperature=1.0, missing_mass="renormalize", temperature_squared=False, ignore_index=-100,
-                 reduction="mean", validate=True, backend="auto"):
+    def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
+                 vocab_size: Optional[int] = None, temperature: float = 1.0, missing_mass: str = "renormalize",
+                 temperature_squared: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 return_components: bool = False, validate: bool = False, backend: str = "auto"):
         super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
                          vocab_size=vocab_size, temperature=temperature, missing_mass=missing_mass,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
-                         validate=validate, backend=backend)
+                         return_components=return_components, validate=validate, backend=backend)
         functional._sparse_spec(divergence, temperature, missing_mass)
 
-    def forward(self, student_hidden, student_weight, teacher_indices, teacher_logprobs, labels=None,
-                student_bias=None, normalizer=None):
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
+                teacher_logprobs: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
+                normalizer: Normalizer = None) -> Union[Tensor, FusedLoss]:
         return functional.fused_linear_sparse_kd_loss(student_hidden, student_weight, teacher_indices,
                                                       teacher_logprobs, labels, student_bias=student_bias,
                                                       normalizer=normalizer, **self.options)
+
+
+class WassersteinKDLoss(_LossModule):
+    """:func:`fastkd.wasserstein_kd_loss` with its class cost held by the module (a buffer, so it
+    follows ``.to(device)``). ``forward(student_logits, teacher_logits, labels=None)``."""
+
+    def __init__(self, cost: Tensor, *, temperature: float = 1.0, eps: float = ot.DEFAULT_EPS, max_iter: int = 10,
+                 exclude_target: bool = True, grad: str = "unrolled", validate: bool = False, backend: str = "auto"):
+        super().__init__(temperature=temperature, eps=eps, max_iter=max_iter, exclude_target=exclude_target,
+                         grad=grad, validate=validate, backend=backend)
+        _check_ot_options(temperature, eps, max_iter, grad)
+        self.register_buffer("cost", cost)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return ot.wasserstein_kd_loss(student_logits, teacher_logits, labels, cost=self.cost, **self.options)
+
+
+class SinkhornKDLoss(_LossModule):
+    """:func:`fastkd.sinkhorn_kd_loss`. ``forward(student_logits, teacher_logits, labels=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, eps: float = ot.DEFAULT_EPS, max_iter: int = 20,
+                 ignore_index: int = -100, grad: str = "unrolled", backend: str = "auto"):
+        super().__init__(temperature=temperature, eps=eps, max_iter=max_iter, ignore_index=ignore_index, grad=grad,
+                         backend=backend)
+        _check_ot_options(temperature, eps, max_iter, grad)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return ot.sinkhorn_kd_loss(student_logits, teacher_logits, labels, **self.options)
+
+
+class ULDLoss(_LossModule):
+    """:func:`fastkd.uld_loss`. ``forward(student_logits, teacher_logits, labels=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, top_k: Optional[int] = None, ignore_index: int = -100,
+                 reduction: str = "mean"):
+        super().__init__(temperature=temperature, top_k=top_k, ignore_index=ignore_index, reduction=reduction)
+        ot_checks.check_temperature(temperature)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return ot.uld_loss(student_logits, teacher_logits, labels, **self.options)
+
+
+def _check_ot_options(temperature, eps, max_iter, grad):
+    ot_checks.check_temperature(temperature)
+    ot_checks.check_eps(eps)
+    ot_checks.check_iterations("max_iter", max_iter)
+    ot_checks.check_loss_grad(grad)

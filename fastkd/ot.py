@@ -4,10 +4,11 @@ Argument checks, then one custom-op call each (fastkd/ops/sinkhorn.py)."""
 
 import math
 import warnings
-from collections import namedtuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import ot_validation as checks
 from . import validation
@@ -17,11 +18,26 @@ from .ops import sinkhorn as sinkhorn_op
 from .options import SinkhornOptions
 from .reduction import reduce_rows
 
-SinkhornResult = namedtuple("SinkhornResult", "value value_linear f g n_iter err plan")
+# The entropic regularisation every OT function defaults to, in the cost's units (the distillation
+# costs here lie in [0, 2]).
+DEFAULT_EPS = 0.05
 
 
-def sinkhorn(cost, a=None, b=None, *, eps=0.05, max_iter=100, tol=1e-6, grad="envelope", return_plan=False,
-             validate=True, backend="auto"):
+class SinkhornResult(NamedTuple):
+    """What :func:`sinkhorn` returns (see its docstring)."""
+
+    value: Tensor
+    value_linear: Tensor
+    f: Tensor
+    g: Tensor
+    n_iter: Tensor
+    err: Tensor
+    plan: Optional[Tensor]
+
+
+def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: float = DEFAULT_EPS,
+             max_iter: int = 100, tol: Optional[float] = 1e-6, grad: str = "envelope", return_plan: bool = False,
+             validate: bool = False, backend: str = "auto") -> SinkhornResult:
     """Entropic optimal transport between ``a`` and ``b`` for many problems at once (log-domain
     Sinkhorn, POT's ``sinkhorn_log`` iteration).
 
@@ -57,10 +73,11 @@ def sinkhorn(cost, a=None, b=None, *, eps=0.05, max_iter=100, tol=1e-6, grad="en
                 O(B·(n+m)) per iteration, never B·n·m. ∂/∂a is 0 at zero-mass entries.
             "none": no gradient.
         return_plan: also return P, (B, n, m) in float32 (float64).
-        validate: check the values of cost, a and b (finite, ≥ 0, positive and equal masses) and,
-            with grad="envelope", warn when problems reach ``max_iter`` with an error above
-            ``tol``. Reading tensor values synchronises with the device: pass False in a hot loop
-            or under ``torch.compile``.
+        validate: also check the values of cost, a and b (finite, ≥ 0, positive and equal masses)
+            and, with grad="envelope", warn when problems reach ``max_iter`` with an error above
+            ``tol``. Reading tensor values synchronises with the device (and breaks a
+            ``torch.compile`` graph): for debugging, off by default. Without it, bad values show
+            as NaN or inf results and ``err`` says how far each problem is from its marginals.
         backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()``;
             "native" compiles the forward only, in fp32, and shares the torch backend's backward).
 
@@ -147,25 +164,21 @@ def _warn_unconverged(result, max_iter, tol):
                       "max_iter or eps, or use grad='unrolled'.", RuntimeWarning, stacklevel=3)
 
 
-def _check_loss_grad(grad):
-    if not isinstance(grad, str) or grad not in ("unrolled", "none"):
-        raise ValueError(f"grad must be 'unrolled' or 'none' for this loss (it is ⟨P, C⟩, whose gradient the "
-                         f"envelope theorem does not give); got {grad!r}")
-
-
 def _rows(name, x):
     validation.check_logits(name, x)
     return x.reshape(-1, x.shape[-1])
 
 
-def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0, eps=0.05, n_iters=10,
-                        labels=None, exclude_target=True, grad="unrolled", validate=True, backend="auto"):
+def wasserstein_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                        cost: Tensor, temperature: float = 1.0, eps: float = DEFAULT_EPS, max_iter: int = 10,
+                        exclude_target: bool = True, grad: str = "unrolled", validate: bool = False,
+                        backend: str = "auto") -> Tensor:
     """Wasserstein distance between the student's and teacher's class distributions under a
     class-to-class cost (WKD-L, Lv et al., NeurIPS 2024, "Wasserstein Distance Rivals
     Kullback-Leibler Divergence for Knowledge Distillation").
 
     Per sample, q = softmax(student / T) is the row marginal and p = softmax(teacher / T) the
-    column marginal of ``n_iters`` log-domain Sinkhorn iterations (tol=None) on the shared
+    column marginal of ``max_iter`` log-domain Sinkhorn iterations (tol=None) on the shared
     ``cost``; the loss is the batch mean of ⟨P, C⟩ (``value_linear``). With ``labels`` and
     ``exclude_target`` the target class gets zero mass in both, and the other classes are
     renormalised (softmax over the non-target logits): the paper's code does the same by copying
@@ -176,16 +189,17 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
     Args:
         student_logits: (…, V) fp32|fp16|bf16|fp64. Receives the gradient.
         teacher_logits: (…, V), same shape. A constant: no gradient.
+        labels: (…) int class indices in [0, V); used only to exclude the target class. A row whose
+            label lies outside [0, V) gets a NaN loss (checked on the device, no synchronisation).
         cost: (V, V) float, finite, ≥ 0, e.g. 1 − cosine similarity of the teacher's classifier
             rows; cost[i, j] moves student class i to teacher class j. Receives a gradient if
-            it requires one.
+            it requires one. Keyword-only (``labels`` is third in every fastkd loss).
         temperature: T > 0 of both softmaxes.
-        eps, n_iters: Sinkhorn regularisation (cost units) and iteration count.
-        labels: (…) int class indices in [0, V); used only to exclude the target class (checked with
-            ``validate``).
+        eps, max_iter: Sinkhorn regularisation (cost units) and iteration count.
         grad: "unrolled" (back-propagate through the iterations, as the paper) or "none" (no
             gradient at all: evaluation only).
-        validate: check the cost's values (finite, ≥ 0; a host synchronisation).
+        validate: also check the cost's values (finite, ≥ 0) and the labels' range with errors (a
+            host synchronisation): for debugging, off by default.
         backend: "auto", "torch", "triton" or "native" (the C++ backend runs the forward; the
             backward is the torch backend's).
 
@@ -199,12 +213,12 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
         shape = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
         raise ValueError(f"cost must be a ({n_classes}, {n_classes}) tensor (classes × classes); got {shape}")
     validation.check_labels(labels, student_logits.shape[:-1], student.device)
-    _check_temperature(temperature)
+    checks.check_temperature(temperature)
     checks.check_eps(eps)
-    checks.check_iterations("n_iters", n_iters)
+    checks.check_iterations("max_iter", max_iter)
     validation.check_flag("exclude_target", exclude_target)
     validation.check_flag("validate", validate)
-    _check_loss_grad(grad)
+    checks.check_loss_grad(grad)
     if validate and labels is not None and labels.numel() and exclude_target and (
             bool(labels.min() < 0) or bool(labels.max() >= n_classes)):
         raise ValueError(f"labels must be class indices in [0, {n_classes}) to exclude the target class "
@@ -213,25 +227,32 @@ def wasserstein_kd_loss(student_logits, teacher_logits, cost, *, temperature=1.0
     dtype = compute_dtype(student, teacher, cost)
     s = student.to(dtype) / temperature
     t = teacher.detach().to(dtype) / temperature
+    bad_label = None
     if labels is not None and exclude_target:
-        target = labels.reshape(-1, 1).long()
+        labels = labels.reshape(-1, 1).long()
+        bad_label = ((labels < 0) | (labels >= n_classes))[:, 0]
+        target = labels.clamp(0, n_classes - 1)  # in bounds; the row turns NaN below
         s = s.scatter(1, target, float("-inf"))
         t = t.scatter(1, target, float("-inf"))
-    result = _solve(cost, torch.softmax(s, -1), torch.softmax(t, -1), eps=eps, max_iter=n_iters, tol=None,
+    result = _solve(cost, torch.softmax(s, -1), torch.softmax(t, -1), eps=eps, max_iter=max_iter, tol=None,
                     grad=grad, return_plan=False, validate_cost=validate, validate_marginals=False,
                     backend=backend)
-    return result.value_linear.mean()
+    per_sample = result.value_linear
+    if bad_label is not None:
+        per_sample = torch.where(bad_label, math.nan, per_sample)
+    return per_sample.mean()
 
 
-def sinkhorn_kd_loss(student_logits, teacher_logits, *, temperature=1.0, eps=0.1, n_iters=20, labels=None,
-                     ignore_index=-100, grad="unrolled", backend="auto"):
+def sinkhorn_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                     temperature: float = 1.0, eps: float = DEFAULT_EPS, max_iter: int = 20, ignore_index: int = -100,
+                     grad: str = "unrolled", backend: str = "auto") -> Tensor:
     """Batch-wise Sinkhorn distance between student and teacher distributions (SinKD, Cui et al.,
     LREC-COLING 2024, "Sinkhorn Distance Minimization for Knowledge Distillation").
 
     The samples of the batch are the support points: with q_i = softmax(student_i / T) and
     p_j = softmax(teacher_j / T), the cost between student sample i and teacher sample j is the
     L1 distance C_ij = Σ_v |q_i,v − p_j,v| (the paper's code uses ``torch.cdist(p=1)``), both
-    sides carry uniform mass over the non-ignored rows, and the loss is ⟨P, C⟩ after ``n_iters``
+    sides carry uniform mass over the non-ignored rows, and the loss is ⟨P, C⟩ after ``max_iter``
     log-domain Sinkhorn iterations (POT's order: column then row update). The gradient flows
     through the cost into the student and, with grad="unrolled", through the iterations.
     Difference from the paper's code: its plan is doubly stochastic (total mass N, not 1) and it
@@ -241,7 +262,7 @@ def sinkhorn_kd_loss(student_logits, teacher_logits, *, temperature=1.0, eps=0.1
     Args:
         student_logits: (…, V); receives the gradient. teacher_logits: (…, V), a constant.
         temperature: T > 0 of both softmaxes.
-        eps, n_iters: Sinkhorn regularisation (the cost is in [0, 2]) and iteration count.
+        eps, max_iter: Sinkhorn regularisation (the cost is in [0, 2]) and iteration count.
         labels: (…) int; rows equal to ``ignore_index`` get zero mass. No rows left: loss 0.
         grad: "unrolled" or "none" (no gradient at all: evaluation only).
         backend: "auto", "torch", "triton" or "native" (the C++ backend runs the forward; the
@@ -254,10 +275,10 @@ def sinkhorn_kd_loss(student_logits, teacher_logits, *, temperature=1.0, eps=0.1
     validation.check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     validation.check_labels(labels, student_logits.shape[:-1], student.device)
     validation.check_ignore_index(ignore_index)
-    _check_temperature(temperature)
+    checks.check_temperature(temperature)
     checks.check_eps(eps)
-    checks.check_iterations("n_iters", n_iters)
-    _check_loss_grad(grad)
+    checks.check_iterations("max_iter", max_iter)
+    checks.check_loss_grad(grad)
     if student.shape[0] == 0:
         return student.sum() * 0.0
 
@@ -274,14 +295,15 @@ def sinkhorn_kd_loss(student_logits, teacher_logits, *, temperature=1.0, eps=0.1
         # With no row left, solve a uniform dummy problem and multiply by 0: finite gradients.
         keep = torch.where(any_row, keep, 1.0)
         mass = keep / keep.sum()
-    result = _solve(cost, mass, mass, eps=eps, max_iter=n_iters, tol=None, grad=grad, return_plan=False,
+    result = _solve(cost, mass, mass, eps=eps, max_iter=max_iter, tol=None, grad=grad, return_plan=False,
                     validate_cost=False, validate_marginals=False, backend=backend)
     loss = result.value_linear
     return loss if any_row is None else loss * any_row.to(loss.dtype)
 
 
-def uld_loss(student_logits, teacher_logits, *, temperature=1.0, top_k=None, labels=None, ignore_index=-100,
-             reduction="mean"):
+def uld_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+             temperature: float = 1.0, top_k: Optional[int] = None, ignore_index: int = -100,
+             reduction: str = "mean") -> Tensor:
     """Universal Logit Distillation (Boizard et al., 2024, "Towards Cross-Tokenizer Distillation:
     the Universal Logit Distillation Loss for LLMs"): per token, the L1 distance between the
     student's and teacher's probability vectors sorted in descending order, the shorter one
@@ -311,7 +333,7 @@ def uld_loss(student_logits, teacher_logits, *, temperature=1.0, top_k=None, lab
     validation.check_labels(labels, leading, student_logits.device)
     validation.check_ignore_index(ignore_index)
     validation.check_reduction(reduction, None, student_logits.device)
-    _check_temperature(temperature)
+    checks.check_temperature(temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int ≥ 1; got {top_k!r}")
 
@@ -334,10 +356,3 @@ def _sorted_top(probs, top_k):
     if top_k is None or top_k >= probs.shape[-1]:
         return torch.sort(probs, dim=-1, descending=True).values
     return torch.topk(probs, top_k, dim=-1, sorted=True).values
-
-
-def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number; got {type(temperature).__name__}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature}")

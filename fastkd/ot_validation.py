@@ -104,3 +104,16 @@ def check_equal_mass(a, b):
         i = int(bad[0])
         raise ValueError(f"a and b must have the same total mass in each problem (balanced OT); problem {i} "
                          f"has sum(a) = {float(mass_a[i]):.6g}, sum(b) = {float(mass_b[i]):.6g}")
+
+
+def check_loss_grad(grad):
+    if not isinstance(grad, str) or grad not in ("unrolled", "none"):
+        raise ValueError(f"grad must be 'unrolled' or 'none' for this loss (it is ⟨P, C⟩, whose gradient the "
+                         f"envelope theorem does not give); got {grad!r}")
+
+
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number; got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature}")

@@ -1,6 +1,6 @@
 """Argument checks shared by the public functions. Each raises before any kernel runs and names
 the argument at fault. None of them reads tensor data (no host synchronisation), except
-``check_sparse_teacher`` with ``validate=True``, which says so."""
+``check_sparse_teacher`` with the opt-in ``validate=True``, which says so."""
 
 import torch
 
@@ -90,11 +90,10 @@ def check_flag(name, value):
 
 
 def check_linear(hidden_name, hidden, weight_name, weight, bias_name, bias):
-    """hidden (…, H) and weight (V, H) of one model, and its optional bias (V,): floating point,
-    same dtype and device."""
+    """hidden (…, H) and weight (V, H) of one model, and its optional bias (V,): floating point, one
+    device. The dtypes may differ (bf16 activations next to fp32 parameters under autocast)."""
     check_logits(hidden_name, hidden)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{weight_name} must be a torch.Tensor; got {type(weight).__name__}")
+    check_float_tensor(weight_name, weight)
     if weight.dim() != 2:
         raise ValueError(f"{weight_name} must be 2-D (V, H); got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -105,13 +104,9 @@ def check_linear(hidden_name, hidden, weight_name, weight, bias_name, bias):
     for name, tensor in ((weight_name, weight), (bias_name, bias)):
         if tensor is None:
             continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+        check_float_tensor(name, tensor)
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but {hidden_name} is on {hidden.device}")
-        if tensor.dtype != hidden.dtype:
-            raise TypeError(f"{name} has dtype {tensor.dtype} but {hidden_name} has {hidden.dtype}; "
-                            "cast one of them")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},) to match {weight_name}; "
                          f"got {tuple(bias.shape)}")

@@ -164,7 +164,7 @@ BAD_INPUTS = [
     (dict(teacher_weight=torch.randn(60, 40), vocab_size=55), ValueError, ["vocab_size", "[1, 50]"]),
     (dict(vocab_size=2.0), TypeError, ["vocab_size", "int"]),
     (dict(hard_weight=0.5), ValueError, ["labels are required", "hard_weight"]),
-    (dict(student_weight=torch.randn(50, 24, dtype=torch.float64)), TypeError, ["student_weight", "dtype"]),
+    (dict(student_weight=torch.ones(50, 24, dtype=torch.long)), TypeError, ["student_weight", "floating-point"]),
     (dict(student_bias=torch.randn(49)), ValueError, ["student_bias", "(50,)"]),
     (dict(teacher_weight=torch.randn(50, 40, device="meta")), ValueError, ["teacher_weight is on meta"]),
     (dict(soft_weight=float("nan")), ValueError, ["soft_weight", "finite"]),

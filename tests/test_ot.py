@@ -38,8 +38,8 @@ def test_wasserstein_kd_matches_per_sample_copy_reference(backend, with_labels):
     ref_leaf = student.clone().requires_grad_()
     ref = wkd_loss(ref_leaf, teacher, cost, temperature, eps, n_iters, labels)
     leaf = student.to(dtype).requires_grad_()
-    loss = fastkd.wasserstein_kd_loss(leaf, teacher.to(dtype), cost.to(dtype), temperature=temperature, eps=eps,
-                                      n_iters=n_iters, labels=labels, backend=backend)
+    loss = fastkd.wasserstein_kd_loss(leaf, teacher.to(dtype), labels, cost=cost.to(dtype), temperature=temperature,
+                                      eps=eps, max_iter=n_iters, backend=backend)
     assert loss.dtype == dtype and loss.shape == ()
     assert rel_err(loss, ref) <= TOL[backend]
     assert rel_err(_grad(loss, leaf), _grad(ref, ref_leaf)) <= 10 * TOL[backend]
@@ -52,7 +52,7 @@ def test_wasserstein_kd_matches_the_papers_kernel_domain_iteration(guard, tol):
     student, teacher = _logits(4, 9), _logits(4, 9)
     cost = _class_cost(9)
     leaf, ref_leaf = student.clone().requires_grad_(), student.clone().requires_grad_()
-    loss = fastkd.wasserstein_kd_loss(leaf, teacher, cost, temperature=1.5, eps=0.1, n_iters=10)
+    loss = fastkd.wasserstein_kd_loss(leaf, teacher, cost=cost, temperature=1.5, eps=0.1, max_iter=10)
     ref = wkd_kernel_domain(ref_leaf, teacher, cost, 1.5, 0.1, 10, guard)
     assert rel_err(loss, ref) <= tol
     assert rel_err(_grad(loss, leaf), _grad(ref, ref_leaf)) <= 10 * tol
@@ -61,8 +61,8 @@ def test_wasserstein_kd_matches_the_papers_kernel_domain_iteration(guard, tol):
 def test_wasserstein_kd_leading_dims_and_cost_gradient():
     student, teacher = _logits(2, 3, 6), _logits(2, 3, 6)
     cost = _class_cost(6).requires_grad_()
-    loss = fastkd.wasserstein_kd_loss(student, teacher, cost, n_iters=5)
-    flat = fastkd.wasserstein_kd_loss(student.reshape(6, 6), teacher.reshape(6, 6), cost, n_iters=5)
+    loss = fastkd.wasserstein_kd_loss(student, teacher, cost=cost, max_iter=5)
+    flat = fastkd.wasserstein_kd_loss(student.reshape(6, 6), teacher.reshape(6, 6), cost=cost, max_iter=5)
     assert rel_err(loss, flat) <= 1e-12
     ref_cost = cost.detach().clone().requires_grad_()
     ref = wkd_loss(student.reshape(6, 6), teacher.reshape(6, 6), ref_cost, 1.0, 0.05, 5)
@@ -84,7 +84,7 @@ def test_sinkhorn_kd_matches_reference(backend, ignore):
     ref_leaf = student.clone().requires_grad_()
     ref = sinkd_loss(ref_leaf, teacher, temperature, eps, n_iters, keep)
     leaf = student.to(dtype).requires_grad_()
-    loss = fastkd.sinkhorn_kd_loss(leaf, teacher.to(dtype), temperature=temperature, eps=eps, n_iters=n_iters,
+    loss = fastkd.sinkhorn_kd_loss(leaf, teacher.to(dtype), temperature=temperature, eps=eps, max_iter=n_iters,
                                    labels=labels, backend=backend)
     assert rel_err(loss, ref) <= TOL[backend]
     grad = _grad(loss, leaf)
@@ -128,11 +128,11 @@ def test_uld_leading_dims_and_fp32():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, torch.rand(5, 5)), r"cost must be a \(6, 6\)"),
-    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, -torch.rand(6, 6)), "cost has negative"),
-    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, torch.rand(6, 6), grad="envelope"), "grad must be"),
-    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, torch.rand(6, 6), eps=0), "eps must be"),
-    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, torch.rand(6, 6), n_iters=0), "n_iters must be"),
+    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, cost=torch.rand(5, 5)), r"cost must be a \(6, 6\)"),
+    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, cost=-torch.rand(6, 6), validate=True), "cost has negative"),
+    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, cost=torch.rand(6, 6), grad="envelope"), "grad must be"),
+    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, cost=torch.rand(6, 6), eps=0), "eps must be"),
+    (lambda s, t: fastkd.wasserstein_kd_loss(s, t, cost=torch.rand(6, 6), max_iter=0), "max_iter must be"),
     (lambda s, t: fastkd.sinkhorn_kd_loss(s, t, temperature=0.0), "temperature must be"),
     (lambda s, t: fastkd.sinkhorn_kd_loss(s, t[:, :5]), "vocabulary sizes differ"),
     (lambda s, t: fastkd.uld_loss(s, t[:2]), "leading shape"),

@@ -79,15 +79,16 @@ def test_fused_linear_sparse_matches_reference_on_materialised_logits(backend, m
 
 
 BAD = [
-    (dict(teacher_indices=torch.tensor([[0, 0]] * 3)), ValueError, ["repeats a token id"]),
-    (dict(teacher_indices=torch.tensor([[0, 11]] * 3)), ValueError, ["outside [0, 11)"]),
+    (dict(teacher_indices=torch.tensor([[0, 0]] * 3), validate=True), ValueError, ["repeats a token id"]),
+    (dict(teacher_indices=torch.tensor([[0, 11]] * 3), validate=True), ValueError, ["outside [0, 11)"]),
     (dict(teacher_indices=torch.zeros(3, 12, dtype=torch.long), teacher_logprobs=torch.zeros(3, 12)), ValueError,
      ["k=12", "[1, V=11]"]),
     (dict(teacher_indices=torch.zeros(3, 2)), TypeError, ["teacher_indices", "integer"]),
     (dict(teacher_logprobs=torch.zeros(3, 3)), ValueError, ["teacher_logprobs shape"]),
     (dict(teacher_indices=torch.tensor([[0, 1]] * 4), teacher_logprobs=torch.zeros(4, 2)), ValueError,
      ["teacher_indices must have shape"]),
-    (dict(teacher_logprobs=torch.full((3, 2), 0.5)), ValueError, ["log-probabilities"]),
+    (dict(teacher_logprobs=torch.full((3, 2), 0.5), validate=True), ValueError, ["log-probabilities"]),
+    (dict(validate=1), TypeError, ["validate", "bool"]),
     (dict(divergence="jsd"), ValueError, ["forward_kl", "reverse_kl", "sparse"]),
     (dict(missing_mass="drop"), ValueError, ["missing_mass", "'renormalize'", "'tail'"]),
     (dict(missing_mass="tail", temperature=2.0), ValueError, ["missing_mass='tail'", "temperature=1"]),
@@ -145,3 +146,16 @@ def test_tail_with_the_whole_vocabulary_is_the_dense_kl(dtype, divergence):
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert rel_err(loss, ref) < tolerance and rel_err(grad, ref_grad) < tolerance
+
+
+@each_backend("sparse_kd")
+def test_ids_out_of_range_make_their_row_nan_without_a_sync(backend):
+    # The default path reads no tensor value on the host: a bad id cannot raise, so its row (and
+    # only its row) becomes NaN, loss and gradient.
+    student = torch.randn(3, 11, device=DEVICE, requires_grad=True)
+    indices = torch.tensor([[0, 1], [4, 11], [2, -1]], device=DEVICE)
+    logprobs = torch.log(torch.full((3, 2), 0.4, device=DEVICE))
+    loss = fastkd.sparse_kd_loss(student, indices, logprobs, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()

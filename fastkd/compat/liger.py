@@ -12,7 +12,7 @@ blocks).
 import torch
 from torch import nn
 
-from ..functional import _checked_dense_arguments, _fused_linear
+from ..functional import fused_linear_kd_loss
 
 
 class LigerFusedLinearJSDLoss(nn.Module):
@@ -56,9 +56,8 @@ class LigerFusedLinearJSDLoss(nn.Module):
 
     def _call(self, student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
               labels, soft_weight, hard_weight):
-        arguments = _checked_dense_arguments(
-            student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,
-            soft_weight=soft_weight, hard_weight=hard_weight, vocab_size=None, divergence="jsd",
-            temperature=self.temperature, beta=self.beta, skew=0.1, temperature_squared=False,
-            ignore_index=self.ignore_index, reduction="mean", normalizer=None, backend="auto")
-        return _fused_linear(*arguments, with_components=self.return_soft_hard_loss)
+        out = fused_linear_kd_loss(student_input, student_weight, teacher_input, teacher_weight, labels,
+                                   student_bias=student_bias, teacher_bias=teacher_bias, soft_weight=soft_weight,
+                                   hard_weight=hard_weight, divergence="jsd", temperature=self.temperature,
+                                   beta=self.beta, ignore_index=self.ignore_index, return_components=True)
+        return out[:3] if self.return_soft_hard_loss else out.loss

@@ -17,7 +17,7 @@ teacher exactly as in TRL.
 
 import torch
 
-from ..divergences import make_spec, safe_weighted
+from ..divergences import make_spec
 from ..functional import kd_loss
 from ..kernels.layout import compute_dtype
 
@@ -62,12 +62,12 @@ def _elementwise_jsd(student_logits, teacher_logits, labels, beta, temperature):
     lp = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     q, p = lq.exp(), lp.exp()
     if spec.name == "forward_kl":
-        jsd = safe_weighted(p, lp - lq)
+        jsd = _weighted(p, lp - lq)
     elif spec.name == "reverse_kl":
-        jsd = safe_weighted(q, lq - lp)
+        jsd = _weighted(q, lq - lp)
     else:
         lm = torch.logaddexp(lp + spec.log_param, lq + spec.log1m_param)
-        jsd = beta * safe_weighted(p, lp - lm) + (1 - beta) * safe_weighted(q, lq - lm)
+        jsd = beta * _weighted(p, lp - lm) + (1 - beta) * _weighted(q, lq - lm)
     return jsd if labels is None else jsd[labels != IGNORE_INDEX]
 
 
@@ -84,3 +84,8 @@ def _eager_reduction(jsd, student_logits, labels, reduction, num_items_in_batch)
     if labels is not None:
         return jsd.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
     return jsd.sum() / max(student_logits.shape[0], 1)
+
+
+def _weighted(weight, value):
+    """weight · value, 0 where weight is 0 (0·log 0 = 0); differentiable, for the eager paths."""
+    return torch.where(weight > 0, weight * value, torch.zeros((), dtype=value.dtype, device=value.device))

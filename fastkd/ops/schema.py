@@ -5,6 +5,7 @@ writes that schema, ``flatten`` and ``unflatten`` convert, ``no_gradients`` give
 autograd backward returns for them. Nothing here counts arguments by hand.
 """
 
+import functools
 from dataclasses import fields
 
 import torch
@@ -18,9 +19,25 @@ def _options_schema(options_class):
 
 def define(name, tensors, options_class, returns, extra=""):
     """A custom op ``fastkd::name`` taking ``tensors`` (schema text), the options' fields, then
-    ``extra`` (more schema text), returning ``returns``. Use as a decorator on its implementation."""
+    ``extra`` (more schema text), returning ``returns``. Use as a decorator on its implementation,
+    which runs with autocast off: the op decides its own dtypes."""
     arguments = ", ".join(part for part in (tensors, _options_schema(options_class), extra) if part)
-    return torch.library.custom_op(f"fastkd::{name}", mutates_args=(), schema=f"({arguments}) -> {returns}")
+    op = torch.library.custom_op(f"fastkd::{name}", mutates_args=(), schema=f"({arguments}) -> {returns}")
+    return lambda implementation: op(_without_autocast(implementation))
+
+
+def _without_autocast(implementation):
+    # Autocast passes a custom op through unchanged but stays on for the torch calls inside it: a
+    # matmul there would silently run in bf16 and mismatch the buffers the op allocated.
+    @functools.wraps(implementation)
+    def run(*args):
+        device_type = next(arg.device.type for arg in args if isinstance(arg, torch.Tensor))
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return implementation(*args)
+        return implementation(*args)
+
+    return run
 
 
 def flatten(options):

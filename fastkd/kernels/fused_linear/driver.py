@@ -30,7 +30,8 @@ class DenseTeacher:
     family = "kd_rows"
 
     def __init__(self, hidden, weight, bias):
-        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.hidden = hidden
+        self.weight, self.bias = _in_dtype(weight, hidden.dtype), _in_dtype(bias, hidden.dtype)
         self.row_dtype_source = hidden
 
     def block(self, kernels, options, start, stop, student_logits, labels, scale):
@@ -66,6 +67,12 @@ def _logits(hidden, weight, bias):
     return torch.matmul(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
+def _in_dtype(tensor, dtype):
+    # Logits are formed in the hidden states' dtype: an fp32 lm_head next to bf16 activations (what
+    # autocast leaves) is cast once per call, as autocast itself would cast it for the matmul.
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
 def run(student_hidden, student_weight, student_bias, teacher, labels, options, soft_scale=None,
         hard_scale=None, need=(False, False, False)):
     """Per-row soft (divergence) and hard (cross-entropy) losses and, optionally, gradients.
@@ -80,16 +87,19 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     n_rows = student_hidden.shape[0]
     vocab = student_weight.shape[0]
     device_type = student_hidden.device.type
+    weight_dtype, bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
+    student_weight, student_bias = _in_dtype(student_weight, student_hidden.dtype), _in_dtype(
+        student_bias, student_hidden.dtype)
     soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
     ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
     ignore_index = options.ignore_index
     want_grad = soft_scale is not None
     need_hidden, need_weight, need_bias = need if want_grad else (False, False, False)
     grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
-    grad_weight = torch.zeros_like(student_weight) if need_weight else None
+    grad_weight = torch.zeros_like(student_weight, dtype=weight_dtype) if need_weight else None
     # The bias gradient is a sum over all N rows: accumulated in fp32 (fp64 for fp64 inputs). The
-    # weight gradient is accumulated by addmm in the weight's dtype, rounded once per block (a few
-    # blocks on a GPU): an fp32 (V, Hs) accumulator would cost 2 GB at V = 128k, Hs = 4096.
+    # weight gradient is accumulated by addmm in the weight's own dtype, rounded once per block (a
+    # few blocks on a GPU): an fp32 (V, Hs) accumulator would cost 2 GB at V = 128k, Hs = 4096.
     accumulate = compute_dtype(student_weight)
     grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
     soft_rows = hard_rows = None
@@ -118,7 +128,9 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         if need_hidden:
             torch.matmul(grad_logits, student_weight, out=grad_hidden[start:stop])
         if need_weight:
-            grad_weight.addmm_(grad_logits.t(), hidden)
+            # A weight kept in another dtype than the logits (fp32 next to bf16) accumulates in its
+            # own: the block's operands are cast (block-sized copies), never the (V, Hs) gradient.
+            grad_weight.addmm_(grad_logits.t().to(weight_dtype), hidden.to(weight_dtype))
         if need_bias:
             grad_bias += grad_logits.sum(0, dtype=accumulate)
 
@@ -127,5 +139,5 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         soft_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
         hard_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
     if grad_bias is not None:
-        grad_bias = grad_bias.to(student_bias.dtype)
+        grad_bias = grad_bias.to(bias_dtype)
     return soft_rows, hard_rows, grad_hidden, grad_weight, grad_bias

@@ -11,6 +11,7 @@ import torch
 
 from ... import divergences
 from ..layout import compute_dtype, row_chunks, rows_slice
+from ..torch_scratch import Scratch
 from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS
 
 # Elements of one (rows × V) temporary: 1M fp32 elements = 4 MiB; JSD keeps about a dozen alive.
@@ -27,6 +28,14 @@ def _active_rows(labels, ignore_index, start, stop):
     return labels[start:stop] != ignore_index
 
 
+def _scaled(x, inv_temperature, dtype, scratch):
+    """x / T in the compute dtype, in a scratch buffer (x itself is never written)."""
+    out = scratch(x, dtype)
+    if inv_temperature == 1.0:
+        return out.copy_(x)
+    return torch.mul(x.to(dtype) if x.dtype != dtype else x, inv_temperature, out=out)
+
+
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V) logits; labels: (N,) int or None.
 
@@ -40,14 +49,14 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     loss = torch.empty(n_rows, dtype=dtype, device=student.device)
     stats = torch.empty(n_rows, N_STATS, dtype=dtype, device=student.device)
     inv_t = spec.inv_temperature
+    scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
-        s = rows_slice(student, start, stop).to(dtype) * inv_t
-        t = rows_slice(teacher, start, stop).to(dtype) * inv_t
-        max_s, log_sum_s = divergences.log_softmax_parts(s)
-        max_t, log_sum_t = divergences.log_softmax_parts(t)
-        lq = divergences.log_probs(s, max_s, log_sum_s)
-        lp = divergences.log_probs(t, max_t, log_sum_t)
-        row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
+        scratch.next_chunk()
+        lq, max_s, log_sum_s = divergences.log_probs_and_parts(
+            _scaled(rows_slice(student, start, stop), inv_t, dtype, scratch), scratch)
+        lp, max_t, log_sum_t = divergences.log_probs_and_parts(
+            _scaled(rows_slice(teacher, start, stop), inv_t, dtype, scratch), scratch)
+        row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp, scratch)
         row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux], dim=1)
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
@@ -67,18 +76,22 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     grad_rows = grad.view(-1, n_cols)
     inv_t = spec.inv_temperature
+    scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
+        scratch.next_chunk()
         row_stats = stats[start:stop].to(dtype)
-        lq = divergences.log_probs(rows_slice(student, start, stop).to(dtype) * inv_t,
-                                   row_stats[:, MAX_S], row_stats[:, LOG_SUM_S])
-        lp = divergences.log_probs(rows_slice(teacher, start, stop).to(dtype) * inv_t,
-                                   row_stats[:, MAX_T], row_stats[:, LOG_SUM_T])
-        g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX])
-        g = g * (grad_loss[start:stop].to(dtype) * inv_t)[:, None]
+        lq = divergences.log_probs(_scaled(rows_slice(student, start, stop), inv_t, dtype, scratch),
+                                   row_stats[:, MAX_S], row_stats[:, LOG_SUM_S], scratch)
+        lp = divergences.log_probs(_scaled(rows_slice(teacher, start, stop), inv_t, dtype, scratch),
+                                   row_stats[:, MAX_T], row_stats[:, LOG_SUM_T], scratch)
+        g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX], scratch)
+        row_scale = grad_loss[start:stop].to(dtype) * inv_t
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
-            g = torch.where(active[:, None], g, 0.0)
-        grad_rows[start:stop] = g
+            # Ignored rows carry zero statistics: their g may be inf or NaN; zero them, never scale them.
+            g.masked_fill_(~active[:, None], 0.0)
+            row_scale = torch.where(active, row_scale, 0.0)
+        torch.mul(g, row_scale[:, None], out=grad_rows[start:stop])
     return grad
 
 

@@ -61,7 +61,11 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     """
     dtype = compute_dtype(student_logits, logprobs)
     s = student_logits.to(dtype) * spec.inv_temperature
-    index = indices.long()
+    # Ids outside [0, V) make their row NaN (loss and gradient): checked here, on the device, so the
+    # default path never synchronises; gathering at clamped ids keeps the kernels in bounds.
+    vocab = s.shape[1]
+    bad_row = ((indices < 0) | (indices >= vocab)).any(-1)
+    index = indices.long().clamp(0, max(vocab - 1, 0))
     teacher_log = logprobs.to(dtype) * spec.inv_temperature
     s_support = s.gather(1, index)
     if missing_mass == "renormalize":
@@ -93,6 +97,9 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
             # Off the support q_i multiplies one constant; with no student mass there it is moot.
             tail_factor = torch.where(log_q_tail > -math.inf, tail_factor, 0.0)
             grad = (q * tail_factor[:, None]).scatter_(1, index, support_grad)
+    loss = torch.where(bad_row, math.nan, loss)
+    if grad is not None:
+        grad = torch.where(bad_row[:, None], math.nan, grad)
     if labels is not None:
         active = labels != ignore_index
         loss = torch.where(active, loss, 0.0)
