@@ -3,10 +3,25 @@
     fastkd.compat.KLDivLoss, fastkd.compat.kl_div      torch.nn.KLDivLoss / F.kl_div
     fastkd.compat.generalized_jsd_loss                  TRL GKDTrainer.generalized_jsd_loss
     fastkd.compat.LigerFusedLinearJSDLoss               Liger-Kernel's chunked fused linear JSD
+    fastkd.compat.LigerFusedLinearCosineSimilarityLoss  Liger-Kernel's chunked fused linear cosine + CE
+    fastkd.compat.LigerFusedLinearJSD,
+    fastkd.compat.liger_fused_linear_jsd                Liger-Kernel's fused linear JSD (transformers API)
+    fastkd.compat.LigerFusedLinearKLDivLoss,
+    fastkd.compat.liger_fused_linear_kl_div             Liger-Kernel's fused linear KL against a target distribution
+    fastkd.compat.LigerJSD, fastkd.compat.liger_jsd     Liger-Kernel's JSD of log-probabilities
+    fastkd.compat.torchtune                             torchtune's ForwardKLLoss, ReverseKLLoss, SymmetricKLLoss
+                                                        and their …WithChunkedOutputLoss forms
 """
 
+from . import torchtune
 from .liger import LigerFusedLinearJSDLoss
+from .liger_cosine import LigerFusedLinearCosineSimilarityLoss
+from .liger_fused_linear import (LigerFusedLinearJSD, LigerFusedLinearKLDivLoss, liger_fused_linear_jsd,
+                                 liger_fused_linear_kl_div)
+from .liger_jsd import LigerJSD, liger_jsd
 from .torch_kl import KLDivLoss, kl_div
 from .trl import generalized_jsd_loss
 
-__all__ = ["KLDivLoss", "LigerFusedLinearJSDLoss", "generalized_jsd_loss", "kl_div"]
+__all__ = ["KLDivLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss",
+           "LigerFusedLinearKLDivLoss", "LigerJSD", "generalized_jsd_loss", "kl_div", "liger_fused_linear_jsd",
+           "liger_fused_linear_kl_div", "liger_jsd", "torchtune"]

@@ -63,7 +63,12 @@ class _ChunkedRows(torch.autograd.Function):
                 out = ctx.row_fn(*leaves)
                 block_grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out[start:stop],
                                                   allow_unused=True)
+            # A row whose output gets no gradient (an ignored row) has none: 0·inf from an infinite
+            # term inside the formula must not turn into NaN there.
+            idle = (grad_out[start:stop].reshape(stop - start, -1) == 0).all(-1)
             for i, grad in zip(wanted, block_grads):
                 if grad is not None:
-                    grads[i][start:stop] = grad
+                    idle_rows = idle.reshape(-1, *([1] * (grad.dim() - 1)))
+                    grads[i][start:stop] = torch.where(idle_rows, torch.zeros((), dtype=grad.dtype,
+                                                                              device=grad.device), grad)
         return (None, *grads)
