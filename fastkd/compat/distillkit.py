@@ -31,9 +31,10 @@ log-softmax is never stored). ``chunk_length`` is accepted and only checked: the
 by an element budget.
 
 Deliberate differences: the student's log-probs are formed in float32 (float64 for float64
-logits) instead of being rounded to the logits' dtype first; the clamp to 1 − eps is exact
-(DistillKit's float32 rounds 1 − 1e−8 to 1, so a top-k holding all the mass gives log1p(−1) = −inf
-and a NaN loss there).
+logits) instead of being rounded to the logits' dtype first, and the k-wide terms in float64; the
+student's missing mass is formed without float32 cancellation (``_support_mass``; the same number
+for DistillKit's distinct top-k ids); the clamp to 1 − eps is exact (DistillKit's float32 rounds
+1 − 1e−8 to 1, so a top-k holding all the mass gives log1p(−1) = −inf and a NaN loss there).
 """
 
 import math
@@ -43,6 +44,7 @@ import torch
 
 from .. import validation
 from ._chunked_rows import chunked_rows
+from ._support_mass import log_mass_outside, safe_logsumexp
 
 
 class MissingProbabilityHandling(Enum):
@@ -76,8 +78,9 @@ def _teacher_logprobs(values, log_target, temperature, generation_temperature, m
     return scaled - torch.logsumexp(scaled, -1, keepdim=True)
 
 
-def _log_missing(log_probs, eps):
-    return torch.log1p(-log_probs.exp().sum(-1).clamp(min=eps, max=1 - eps))
+def _clamped(log_missing, eps):
+    """DistillKit's log1p(−clamp(Σ, eps, 1 − eps)), as a clamp of log(1 − Σ)."""
+    return log_missing.clamp(min=math.log(eps) if eps > 0 else -math.inf, max=math.log1p(-eps))
 
 
 def _check(logits, target_ids, target_values, mask, eps, log_target, temperatures, chunk_length, missing):
@@ -137,13 +140,16 @@ def sparse_kl_div(logits, target_ids, target_values, mask=None, eps: float = 1e-
 
     def row_fn(x, ids, values):
         log_q = torch.log_softmax(x.to(dtype) * student_scale, -1)
-        s = log_q.gather(-1, ids.long())
-        t = _teacher_logprobs(values.to(dtype), log_target, temperature, target_generation_temperature, missing)
+        # The k-wide teacher and bucket terms are few: float64 keeps 1 − Σ exp(·) from cancelling.
+        s = log_q.gather(-1, ids.long()).double()
+        t = _teacher_logprobs(values.double(), log_target, temperature, target_generation_temperature, missing)
         loss = (t.exp() * (t - s)).sum(-1)
         if missing is MissingProbabilityHandling.SYMMETRIC_UNIFORM:
-            log_t_missing, log_s_missing = _log_missing(t, eps), _log_missing(s, eps)
+            support = torch.ones_like(ids, dtype=torch.bool)
+            log_t_missing = _clamped(torch.log1p(-t.exp().sum(-1).clamp(max=1.0)), eps)
+            log_s_missing = _clamped(log_mass_outside(log_q, ids, support, safe_logsumexp(s)).squeeze(-1), eps)
             loss = loss + log_t_missing.exp() * (log_t_missing - log_s_missing)
-        return loss
+        return loss.to(dtype)
 
     per_token = chunked_rows(row_fn, logits.reshape(rows, vocab), target_ids.reshape(rows, top_k),
                              target_values.detach().reshape(rows, top_k))

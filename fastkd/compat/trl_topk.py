@@ -39,6 +39,7 @@ import torch
 
 from .. import validation
 from ._chunked_rows import chunked_rows
+from ._support_mass import log_mass_outside, safe_logsumexp
 from ._trl_reduction import check_reduction, keep_mask, reduce_rows
 from .trl import host_beta
 
@@ -50,27 +51,6 @@ def _tail_bucket(log_probs, support):
     log_sum = torch.logsumexp(log_probs, -1, keepdim=True).clamp(max=TAIL_CLAMP)
     tail = torch.log(-torch.expm1(log_sum))
     return torch.cat([log_probs, tail], -1), torch.cat([support, torch.ones_like(support[..., :1])], -1)
-
-
-def _logsumexp(x):
-    """logsumexp over the last dim, keepdim; -inf with a zero (not NaN) gradient for empty rows."""
-    empty = (x == -math.inf).all(-1, keepdim=True)
-    out = torch.logsumexp(torch.where(empty, torch.zeros_like(x), x), -1, keepdim=True)
-    return torch.where(empty, torch.full_like(out, -math.inf), out)
-
-
-def _student_tail(log_q, ids, support, log_support):
-    """The student's tail bucket, TRL's log(1 − Σ_support q) with its clamp, formed so that neither
-    the value nor the gradient cancels in float32: log1p(−Σ) while the support holds under half
-    the mass, else the log-mass outside the support (the same number for distinct candidates)."""
-    outside = log_q.scatter(-1, torch.where(support, ids, 0).long(), -math.inf)
-    # slot 0 stood in for padded candidates: give it back its value unless it is a real candidate
-    first_real = (support & (ids == 0)).any(-1, keepdim=True)
-    outside[..., :1] = torch.where(first_real, outside[..., :1], log_q[..., :1])
-    via_outside = _logsumexp(outside).clamp(min=math.log(-math.expm1(TAIL_CLAMP)))
-    half = math.log(0.5)
-    via_support = torch.log1p(-torch.exp(log_support.clamp(max=half).to(via_outside.dtype)))
-    return torch.where(log_support < half, via_support, via_outside)
 
 
 def _support_terms(log_q, log_p, beta, support):
@@ -143,8 +123,9 @@ def topk_generalized_jsd_loss(student_logits, teacher_topk_ids, teacher_topk_log
         s = torch.where(support, log_q.gather(-1, ids.clamp_min(0).long()).double(), minus_inf)
         p = torch.where(support, logprobs.double(), minus_inf)
         if add_tail_bucket:
-            tail = _student_tail(log_q, ids, support, _logsumexp(s))
-            s = torch.cat([s, tail.double()], -1)
+            # TRL's clamp of the support's log-mass at -1e-7 floors the tail at 1 − e^(-1e-7)
+            tail = log_mass_outside(log_q, ids, support, safe_logsumexp(s)).clamp(min=math.log(-math.expm1(TAIL_CLAMP)))
+            s = torch.cat([s, tail], -1)
             p, full_support = _tail_bucket(p, support)
         else:
             s = s - torch.logsumexp(s, -1, keepdim=True)
