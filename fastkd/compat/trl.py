@@ -16,7 +16,8 @@ would remove it). A tensor ``temperature`` is never read on the host: a one-elem
 taken as a number; any other (a CUDA scalar, a per-token (B, T, 1) tensor, anything that
 broadcasts to the logits' shape) divides the logits on the device, as TRL does, at the cost of a
 scaled copy of each (TRL makes the same copies), and a temperature that requires grad gets its
-gradient through both sides, as in TRL.
+gradient through both sides, as in TRL. Its values are not checked (that would read them on the
+host); a number temperature must be > 0.
 
 The fused kernels treat the teacher as a constant. When ``teacher_logits`` requires a gradient
 (TRL propagates one), and for reduction='none' (whose output is element-wise anyway), the loss is
