@@ -11,10 +11,14 @@ PYTEST_ARGS ?=
 
 .PHONY: test bench smoke cuda-build-check clean
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/fastkd/*.h)
+$(VENV)/.installed: pyproject.toml setup.py requirements-peers.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu \
+		csrc/include/fastkd/*.h csrc/include/fastkd/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest hypothesis pytest-benchmark matplotlib pot \
 		pybind11 ninja setuptools wheel
+	# The peers the drop-ins are compared with, without their dependencies and with torch held.
+	$(PY) -m pip freeze | grep -E '^(torch|triton)==' > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q --no-deps -c $(VENV)/torch-pin.txt -r requirements-peers.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

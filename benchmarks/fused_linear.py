@@ -29,6 +29,7 @@ import fastkd
 
 from . import report
 from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
+from .progress import case_label, provider_label
 from .providers import timed_backends
 
 _MIB = 1 << 20
@@ -184,14 +185,13 @@ def _time(step, device, suite_name):
     return time_cuda(step, gpu_ms) if device.type == "cuda" else time_cpu(step, warmup, repeats)
 
 
-def run_case(case, device, suite_name, notes):
+def run_case(case, device, suite_name, notes, label):
     inputs = make_inputs(case, device)
     providers, case_notes = select(device, suite_name)
     notes += case_notes
-    label = f"[fused_linear jsd {case.dtype} N={case.N} Hs={case.Hs} Ht={case.Ht} V={case.V}]"
     expected = reference(inputs)
     rows = []
-    for provider in providers:
+    for index, provider in enumerate(providers, 1):
         row = {"op": "fused_linear", **asdict(case), "divergence": "jsd", "mode": "fwd+bwd",
                "provider": provider.name, "median_ms": None, "q20_ms": None, "q80_ms": None,
                "peak_extra_mib": None, "vs_gemms": None, "speedup_vs_eager": None, "check": "ok",
@@ -213,7 +213,8 @@ def run_case(case, device, suite_name, notes):
                 row["check"] = "error"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(f"{label} {provider.name}: " + (f"{row['median_ms']:.4g} ms" if row["median_ms"] else row["note"])
+        print(f"{label} {provider_label(index, len(providers), provider.name)}: "
+              + (f"{row['median_ms']:.4g} ms" if row["median_ms"] else row["note"])
               + (f" ({row['check']}: {row['check_detail']})" if provider.checked else ""), flush=True)
     by_name = {r["provider"]: r["median_ms"] for r in rows}
     for row in rows:
@@ -251,8 +252,11 @@ def run(suite_name, device, out_dir):
     environment = report.environment(device)
     print(f"fused_linear benchmarks on {environment['device']}: suite {suite_name!r}", flush=True)
     notes, rows = [], []
-    for case in SUITES[suite_name]:
-        rows += run_case(case, device, suite_name, notes)
+    cases = SUITES[suite_name]
+    for index, case in enumerate(cases, 1):
+        label = case_label("fused_linear", index, len(cases),
+                           f"jsd {case.dtype} N={case.N} Hs={case.Hs} Ht={case.Ht} V={case.V}")
+        rows += run_case(case, device, suite_name, notes, label)
     notes = list(dict.fromkeys(notes))
     if device.type != "cuda":
         notes.append("peak memory: measured on CUDA only for the fused-linear cases")

@@ -4,6 +4,7 @@ mode, measure peak memory, and set each time against the bandwidth floor and the
 import torch
 
 from . import checks, cpu_memory, floors, plot, report
+from .progress import case_label, provider_label
 from .config import MODES, OP
 from .harness import cuda_peak_extra_bytes, make_step, time_step
 from .providers import make_inputs, select
@@ -55,20 +56,20 @@ def _check_all(case, providers, inputs, label):
     """Each provider's loss function and its check against the float64 reference, before timing."""
     ref_loss, ref_grad = checks.reference(case, *inputs)
     checked = []
-    for provider in providers:
+    for index, provider in enumerate(providers, 1):
         loss_fn = provider.make(case)
         result = checks.check(loss_fn, *inputs, ref_loss, ref_grad)
-        print(f"{label} check {provider.name}: {result.status} ({result.detail})", flush=True)
+        print(f"{label} check {provider_label(index, len(providers), provider.name)}: {result.status} "
+              f"({result.detail})", flush=True)
         checked.append((provider, loss_fn, result))
     return checked
 
 
-def run_case(case, providers, device, suite, bandwidth, notes):
+def run_case(case, providers, device, suite, bandwidth, notes, label):
     """All measurements of one case: a list of dicts, one per (provider, mode)."""
-    label = f"[{case.divergence} {case.dtype} N={case.N} V={case.V}]"
     inputs = make_inputs(case, device)
     rows = []
-    for provider, loss_fn, check in _check_all(case, providers, inputs, label):
+    for index, (provider, loss_fn, check) in enumerate(_check_all(case, providers, inputs, label), 1):
         provider_rows = [_measurement(case, provider.name, mode, check, bandwidth) for mode in MODES]
         rows += provider_rows
         if check.status == "error":
@@ -77,7 +78,7 @@ def run_case(case, providers, device, suite, bandwidth, notes):
             continue
         for row in provider_rows:
             _time_and_measure(row, make_step(loss_fn, *inputs, row["mode"]), device, suite)
-            print(f"{label} {provider.name} {row['mode']}: "
+            print(f"{label} {provider_label(index, len(providers), provider.name)} {row['mode']}: "
                   + (f"{row['median_ms']:.4g} ms" if row["median_ms"] is not None else row["note"]), flush=True)
         if device.type == "cpu":
             extra = _cpu_memory(case, provider, notes)
@@ -109,8 +110,9 @@ def run(suite, device, out_dir, with_compile, notes=()):
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
 
     rows = []
-    for case in suite.cases:
-        rows += run_case(case, providers, device, suite, bandwidth, notes)
+    for index, case in enumerate(suite.cases, 1):
+        label = case_label("kd_loss", index, len(suite.cases), f"{case.divergence} {case.dtype} N={case.N} V={case.V}")
+        rows += run_case(case, providers, device, suite, bandwidth, notes, label)
     _speedups(rows)
     notes = list(dict.fromkeys(notes))  # one per provider, not one per case
 
