@@ -10,12 +10,19 @@ Conventions (rows over the last dimension, ``T`` the temperature):
     skew_forward_kl   KL(p ‖ a·p + (1−a)·q),  a = skew   (DistiLLM)
     skew_reverse_kl   KL(q ‖ a·q + (1−a)·p)
     tvd               ½·Σ|p − q|
+    dkd (labels)      alpha·TCKD + beta·NCKD (decoupled KD, Zhao et al. 2022): with y the target
+                      class of the row, TCKD = KL([p_y, 1−p_y] ‖ [q_y, 1−q_y]) and NCKD = KL(p̂ ‖ q̂)
+                      over the other classes renormalised, p̂_j = p_j/(1−p_y), q̂_j = q_j/(1−q_y).
+
+The logits of each side may first be transformed (fastkd/logit_transforms.py): a scale, a
+soft-cap c·tanh(x/c), and row standardisation; T divides the result.
 
 Every gradient with respect to the scaled student logits s = student / T has the form
 
     ∂L/∂s_j = q_j · (g_j − aux)    (forward_kl: q_j − p_j)
 
-where g_j is an element-wise term and ``aux`` one per-row constant computed in the forward pass.
+where g_j is an element-wise term and ``aux`` one per-row constant computed in the forward pass
+(dkd: ∂L/∂s_y = alpha·aux, ∂L/∂s_j = q̂_j·(beta − alpha·aux) − beta·p̂_j elsewhere, aux = q_y − p_y).
 The functions below define ``loss``, ``aux`` and the gradient once, in log space, on any float
 dtype; the torch backend runs them on row chunks and the Triton/C++ kernels mirror them.
 """
@@ -26,21 +33,37 @@ from dataclasses import dataclass
 import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# Divergences that need each row's target class (labels).
+LABELED_DIVERGENCES = ("dkd",)
 
 # Divergences whose forward needs the normalised probabilities, hence two passes over the row.
 MIXTURE_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
+# The documented defaults of the parameters that mean different things per divergence.
+JSD_BETA = 0.5
+DKD_ALPHA, DKD_BETA = 1.0, 8.0  # mdistiller's CIFAR-100 setting
+
 
 @dataclass(frozen=True)
 class DivergenceSpec:
-    """One divergence with its parameters, as it travels from the public API to a kernel.
+    """One divergence with its parameters and the logit transforms, as it travels from the public
+    API to a kernel.
 
-    ``param`` is beta for ``jsd``, the skew for ``skew_*`` and unused (0) otherwise.
+    ``param`` is beta for ``jsd`` and ``dkd``, the skew for ``skew_*``, 0 otherwise; ``alpha`` is
+    dkd's TCKD weight. Per side, the logits are scaled, then soft-capped (``softcap`` > 0), then
+    standardised per row (``standardize``), then divided by the temperature.
     """
 
     name: str
     temperature: float = 1.0
     param: float = 0.0
+    alpha: float = 0.0
+    student_scale: float = 1.0
+    student_softcap: float = 0.0
+    teacher_scale: float = 1.0
+    teacher_softcap: float = 0.0
+    standardize: bool = False
+    standardize_eps: float = 1e-7
 
     @property
     def inv_temperature(self):
@@ -54,6 +77,25 @@ class DivergenceSpec:
     def log1m_param(self):
         return math.log1p(-self.param) if self.param < 1 else -math.inf
 
+    @property
+    def transforms_logits(self):
+        return (self.student_scale != 1.0 or self.teacher_scale != 1.0 or self.student_softcap > 0
+                or self.teacher_softcap > 0 or self.standardize)
+
+    @property
+    def features(self):
+        """What a kernel must support to compute this spec (the registry's row features)."""
+        wanted = set()
+        if self.name in LABELED_DIVERGENCES:
+            wanted.add(self.name)
+        if self.student_scale != 1.0 or self.teacher_scale != 1.0:
+            wanted.add("logit_scale")
+        if self.student_softcap > 0 or self.teacher_softcap > 0:
+            wanted.add("softcap")
+        if self.standardize:
+            wanted.add("standardize")
+        return frozenset(wanted)
+
 
 def _check_real(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -61,30 +103,71 @@ def _check_real(name, value):
     return float(value)
 
 
-def make_spec(divergence, temperature=1.0, beta=0.5, skew=0.1):
-    """Validates the divergence options and returns the spec the kernels consume."""
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+def _check_positive(name, value):
+    value = _check_real(name, value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value}")
+    return value
+
+
+def _check_positive_or_none(name, value):
+    if value is None:
+        return None
+    value = _check_real(name, value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, or None; got {value}")
+    return value
+
+
+def make_spec(divergence, temperature=1.0, beta=None, skew=0.1, *, alpha=None, student_logit_scale=None,
+              student_softcap=None, teacher_logit_scale=None, teacher_softcap=None, standardize=False,
+              standardize_eps=1e-7):
+    """Validates the divergence options and returns the spec the kernels consume. ``beta=None``
+    and ``alpha=None`` take the divergence's documented default (JSD 0.5; DKD alpha 1, beta 8)."""
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES + LABELED_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES + LABELED_DIVERGENCES)}; "
+                         f"got {divergence!r}")
     temperature = _check_real("temperature", temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
-    beta = _check_real("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1]; got {beta}")
     skew = _check_real("skew", skew)
     if not 0.0 < skew < 1.0:
         raise ValueError(f"skew must lie in the open interval (0, 1); got {skew}")
+    transforms = dict(
+        student_scale=_check_positive_or_none("student_logit_scale", student_logit_scale) or 1.0,
+        student_softcap=_check_positive_or_none("student_softcap", student_softcap) or 0.0,
+        teacher_scale=_check_positive_or_none("teacher_logit_scale", teacher_logit_scale) or 1.0,
+        teacher_softcap=_check_positive_or_none("teacher_softcap", teacher_softcap) or 0.0,
+        standardize=_check_flag("standardize", standardize),
+        standardize_eps=_check_positive("standardize_eps", standardize_eps))
 
+    if divergence == "dkd":
+        alpha = DKD_ALPHA if alpha is None else _check_real("alpha", alpha)
+        beta = DKD_BETA if beta is None else _check_real("beta", beta)
+        if not (math.isfinite(alpha) and math.isfinite(beta) and alpha >= 0 and beta >= 0):
+            raise ValueError(f"dkd's alpha and beta must be finite and ≥ 0; got alpha={alpha}, beta={beta}")
+        return DivergenceSpec("dkd", temperature, beta, alpha, **transforms)
+    if alpha is not None:
+        raise ValueError(f"alpha is dkd's TCKD weight; divergence={divergence!r} takes no alpha")
+    beta = JSD_BETA if beta is None else _check_real("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1]; got {beta}")
     if divergence == "jsd":
         # TRL and Liger special-case the end points: exactly forward / reverse KL (not the limit 0).
         if beta == 0.0:
-            return DivergenceSpec("forward_kl", temperature)
+            return DivergenceSpec("forward_kl", temperature, **transforms)
         if beta == 1.0:
-            return DivergenceSpec("reverse_kl", temperature)
-        return DivergenceSpec("jsd", temperature, beta)
+            return DivergenceSpec("reverse_kl", temperature, **transforms)
+        return DivergenceSpec("jsd", temperature, beta, **transforms)
     if divergence in ("skew_forward_kl", "skew_reverse_kl"):
-        return DivergenceSpec(divergence, temperature, skew)
-    return DivergenceSpec(divergence, temperature)
+        return DivergenceSpec(divergence, temperature, skew, **transforms)
+    return DivergenceSpec(divergence, temperature, **transforms)
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,3 +288,40 @@ def grad_scaled_student(spec, lq, lp, aux, new=_fresh):
     # skew_reverse_kl
     grad = safe_weighted(q, torch.sub(lq, lm, out=new(lq)).sub_(aux), new)
     return grad.add_(q_p_over_m.mul_(1 - spec.param))
+
+
+# ----------------------------------------------------------------------------------------------
+# dkd: the target class y of each row splits the distribution in two (decoupled KD).
+# ----------------------------------------------------------------------------------------------
+
+
+def dkd_parts(x, target, new=_fresh):
+    """For scaled logits x (R, V) and target classes (R,) int64 in [0, V): (log-probabilities over
+    the non-target classes (R, V), −inf at the target; their row max (R,); log Σ_{j≠y} exp(x_j −
+    max) (R,); log of the target's probability (R,); log of the non-target mass (R,)), all
+    relative to the non-target max, so that large logits keep their precision."""
+    masked = new(x).copy_(x).scatter_(1, target[:, None], -math.inf)
+    log_hat, row_max, log_sum = log_probs_and_parts(masked, new)
+    target_shifted = x.gather(1, target[:, None])[:, 0] - row_max
+    log_all = torch.logaddexp(log_sum, target_shifted)
+    return log_hat, row_max, log_sum, target_shifted - log_all, log_sum - log_all
+
+
+def _binary_kl(log_a, log_b):
+    return torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_b), torch.zeros_like(log_a))
+
+
+def dkd_loss_and_aux(spec, student_parts, teacher_parts, new=_fresh):
+    """alpha·TCKD + beta·NCKD per row, and aux = q_y − p_y. Parts as ``dkd_parts`` returns them."""
+    log_q_hat, _, _, log_q_y, log_q_rest = student_parts
+    log_p_hat, _, _, log_p_y, log_p_rest = teacher_parts
+    tckd = _binary_kl(log_p_y, log_q_y) + _binary_kl(log_p_rest, log_q_rest)
+    nckd = _kl_terms(torch.exp(log_p_hat, out=new(log_p_hat)), log_p_hat, log_q_hat, new).sum(-1)
+    return spec.alpha * tckd + spec.param * nckd, log_q_y.exp() - log_p_y.exp()
+
+
+def dkd_grad_scaled_student(spec, log_q_hat, log_p_hat, target, aux, new=_fresh):
+    """∂L_row/∂s: q̂_j·(beta − alpha·aux) − beta·p̂_j off the target, alpha·aux at it; (R, V)."""
+    grad = torch.exp(log_q_hat, out=new(log_q_hat)).mul_((spec.param - spec.alpha * aux)[:, None])
+    grad.sub_(torch.exp(log_p_hat, out=new(log_p_hat)).mul_(spec.param))
+    return grad.scatter_(1, target[:, None], (spec.alpha * aux)[:, None].to(grad.dtype))

@@ -38,9 +38,16 @@ def kd_loss(
     *,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
-    beta: float = 0.5,
+    beta: Optional[float] = None,
     skew: float = 0.1,
+    alpha: Optional[float] = None,
     temperature_squared: bool = False,
+    student_logit_scale: Optional[float] = None,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    standardize: bool = False,
+    standardize_eps: float = 1e-7,
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: Normalizer = None,
@@ -51,15 +58,28 @@ def kd_loss(
     Args:
         student_logits: (…, V) fp32|fp16|bf16|fp64. Receives the gradient.
         teacher_logits: (…, V), same shape and device; any float dtype. A constant: no gradient.
-        labels: (…) integer tensor; rows equal to ``ignore_index`` contribute nothing.
+        labels: (…) integer tensor; rows equal to ``ignore_index`` contribute nothing. For "dkd"
+            required: each row's target class (a label outside [0, V) that is not ignore_index
+            makes the row NaN).
         divergence: "forward_kl" KL(p‖q), "reverse_kl" KL(q‖p), "jsd" (with ``beta``),
-            "skew_forward_kl" / "skew_reverse_kl" (with ``skew``) or "tvd"; p is the teacher's
-            softmax(teacher / T), q the student's. See fastkd/divergences.py for the formulas.
+            "skew_forward_kl" / "skew_reverse_kl" (with ``skew``), "tvd", or "dkd" (decoupled KD:
+            ``alpha``·TCKD + ``beta``·NCKD); p is the teacher's softmax(teacher / T), q the
+            student's. See fastkd/divergences.py for the formulas.
         temperature: T > 0, applied to both logits.
         beta: JSD mixture weight in [0, 1] (TRL convention; 0 is exactly forward KL and 1 exactly
-            reverse KL, computed by their single-pass kernels).
+            reverse KL, computed by their single-pass kernels), default 0.5; for "dkd" the NCKD
+            weight, default 8 (mdistiller's CIFAR-100 setting).
         skew: skew-KL mixture weight in (0, 1).
-        temperature_squared: multiply the loss by T² (Hinton et al.).
+        alpha: dkd's TCKD weight, default 1; no other divergence takes it.
+        temperature_squared: multiply the loss by T² (Hinton et al.; mdistiller's DKD and KD
+            losses always do).
+        student_logit_scale, teacher_logit_scale: multiply that side's logits first (Cohere- or
+            Granite-style ``logit_scale``); None: 1.
+        student_softcap, teacher_softcap: then cap them, c·tanh(x/c) (Gemma-2/3's
+            ``final_logit_softcapping``); None: no cap. −inf entries stay −inf.
+        standardize: then standardise each row of both sides, (z − mean) / (std + standardize_eps)
+            with the sample std (logit standardisation, Sun et al. 2024, as its code computes
+            it), before the temperature; the gradient flows through the mean and std.
         reduction: "mean" over non-ignored rows, "sum", or "none" for per-row losses of shape (…).
         normalizer: divisor replacing the row count of "mean" (e.g. ``num_items_in_batch``);
             a number or a one-element tensor.
@@ -75,9 +95,13 @@ def kd_loss(
     leading_shape = student_logits.shape[:-1]
     validation.check_row_options(labels, leading_shape, device, ignore_index, reduction, normalizer,
                                  temperature_squared)
-    spec = make_spec(divergence, temperature, beta, skew)
-    backend = registry.select("kd_rows", backend, device, (student_logits.dtype, teacher_logits.dtype))
-    options = KDOptions(spec.name, spec.temperature, spec.param, ignore_index, backend)
+    spec = make_spec(divergence, temperature, beta, skew, alpha=alpha, student_logit_scale=student_logit_scale,
+                     student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
+                     teacher_softcap=teacher_softcap, standardize=standardize, standardize_eps=standardize_eps)
+    _check_labels_for(spec, labels, student_logits.shape[-1])
+    backend = registry.select("kd_rows", backend, device, (student_logits.dtype, teacher_logits.dtype),
+                              spec.features)
+    options = KDOptions(spec, ignore_index, backend)
 
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     row_loss = kd_rows(as_rows(student_logits), as_rows(teacher_logits), flat_labels, options)[0]
@@ -136,7 +160,7 @@ def sparse_kd_loss(
                                  temperature_squared)
     backend = registry.select("sparse_kd", backend, student_logits.device,
                               (student_logits.dtype, teacher_logprobs.dtype))
-    options = SparseOptions(spec.name, spec.temperature, missing_mass, ignore_index, backend)
+    options = SparseOptions(spec, missing_mass, ignore_index, backend)
 
     top_k = teacher_indices.shape[-1]
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
@@ -161,9 +185,16 @@ def fused_linear_kd_loss(
     vocab_size: Optional[int] = None,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
-    beta: float = 0.5,
+    beta: Optional[float] = None,
     skew: float = 0.1,
+    alpha: Optional[float] = None,
     temperature_squared: bool = False,
+    student_logit_scale: Optional[float] = None,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    standardize: bool = False,
+    standardize_eps: float = 1e-7,
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: Normalizer = None,
@@ -209,7 +240,10 @@ def fused_linear_kd_loss(
     vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components)
-    spec = make_spec(divergence, temperature, beta, skew)
+    spec = make_spec(divergence, temperature, beta, skew, alpha=alpha, student_logit_scale=student_logit_scale,
+                     student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
+                     teacher_softcap=teacher_softcap, standardize=standardize, standardize_eps=standardize_eps)
+    _check_labels_for(spec, labels, vocab)
     options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device,
                              (student_hidden.dtype, teacher_hidden.dtype))
 
@@ -269,10 +303,9 @@ def fused_linear_sparse_kd_loss(
 def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, backend, device, dtypes):
     """The FusedLinearOptions of a call: the soft family's backend, and the ce family's when there
     is a hard term, each chosen by the registry."""
-    soft_backend = registry.select(soft_family, backend, device, dtypes)
+    soft_backend = registry.select(soft_family, backend, device, dtypes, spec.features)
     ce_backend = registry.select("ce", backend, device, dtypes[:1]) if hard_weight != 0 else ""
-    return FusedLinearOptions(spec.name, spec.temperature, spec.param, missing_mass, ignore_index, hard_weight != 0,
-                              soft_backend, ce_backend)
+    return FusedLinearOptions(spec, missing_mass, ignore_index, hard_weight != 0, soft_backend, ce_backend)
 
 
 def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight, hard_weight,
@@ -284,7 +317,7 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
     student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     n_rows = student_hidden.shape[0]
-    t_squared = options.temperature ** 2 if temperature_squared else 1.0
+    t_squared = options.spec.temperature ** 2 if temperature_squared else 1.0
     inputs = (student_hidden, student_weight, student_bias, *teacher, flat_labels)
 
     if reduction == "none":
@@ -314,6 +347,15 @@ def _n_tokens(n_rows, labels, options, device):
     if labels is None:
         return torch.tensor(n_rows, dtype=torch.int64, device=device)
     return (labels != options.ignore_index).sum()
+
+
+def _check_labels_for(spec, labels, vocab):
+    if spec.name != "dkd":
+        return
+    if labels is None:
+        raise ValueError("divergence='dkd' needs labels: each row's target class splits its distribution")
+    if vocab < 2:
+        raise ValueError(f"divergence='dkd' needs at least two classes; got V={vocab}")
 
 
 def _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,

@@ -25,16 +25,23 @@ class _LossModule(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
-class KDLoss(_LossModule):
-    """:func:`fastkd.kd_loss`. ``forward(student_logits, teacher_logits, labels=None, *, normalizer=None)``."""
+def _spec_options(divergence, temperature, beta, skew, alpha, transforms):
+    """The divergence and transform options of a logits module, checked at construction."""
+    make_spec(divergence, temperature, beta, skew, alpha=alpha, **transforms)
+    return dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew, alpha=alpha, **transforms)
 
-    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: float = 0.5,
-                 skew: float = 0.1, temperature_squared: bool = False, ignore_index: int = -100,
-                 reduction: str = "mean", backend: str = "auto"):
-        super().__init__(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+
+class KDLoss(_LossModule):
+    """:func:`fastkd.kd_loss`. ``forward(student_logits, teacher_logits, labels=None, *, normalizer=None)``.
+    ``transforms``: student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
+    standardize, standardize_eps, as :func:`fastkd.kd_loss` takes them."""
+
+    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: Optional[float] = None,
+                 skew: float = 0.1, alpha: Optional[float] = None, temperature_squared: bool = False,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", **transforms):
+        super().__init__(**_spec_options(divergence, temperature, beta, skew, alpha, transforms),
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          backend=backend)
-        make_spec(divergence, temperature, beta, skew)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                 normalizer: Normalizer = None) -> Tensor:
@@ -43,17 +50,18 @@ class KDLoss(_LossModule):
 
 class FusedLinearKDLoss(_LossModule):
     """:func:`fastkd.fused_linear_kd_loss`. ``forward(student_hidden, student_weight, teacher_hidden,
-    teacher_weight, labels=None, *, student_bias=None, teacher_bias=None, normalizer=None)``."""
+    teacher_weight, labels=None, *, student_bias=None, teacher_bias=None, normalizer=None)``;
+    ``transforms`` as for :class:`KDLoss`."""
 
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
-                 vocab_size: Optional[int] = None, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-                 temperature_squared: bool = False, ignore_index: int = -100, reduction: str = "mean",
-                 return_components: bool = False, backend: str = "auto"):
-        super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
-                         vocab_size=vocab_size, temperature=temperature, beta=beta, skew=skew,
+                 vocab_size: Optional[int] = None, temperature: float = 1.0, beta: Optional[float] = None,
+                 skew: float = 0.1, alpha: Optional[float] = None, temperature_squared: bool = False,
+                 ignore_index: int = -100, reduction: str = "mean", return_components: bool = False,
+                 backend: str = "auto", **transforms):
+        super().__init__(**_spec_options(divergence, temperature, beta, skew, alpha, transforms),
+                         soft_weight=soft_weight, hard_weight=hard_weight, vocab_size=vocab_size,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          return_components=return_components, backend=backend)
-        make_spec(divergence, temperature, beta, skew)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,

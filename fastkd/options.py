@@ -1,8 +1,9 @@
 """The options of each op family, as one frozen dataclass that travels from the public function
 through the custom op (flattened into its schema by fastkd/ops/schema.py) to the kernels.
 
-Every field is a str, float, int or bool: exactly what a torch.library schema carries. Backend
-fields hold a backend already chosen by the registry (never "auto").
+Every leaf field is a str, float, int or bool: exactly what a torch.library schema carries; a
+DivergenceSpec field is expanded in place. Backend fields hold a backend already chosen by the
+registry (never "auto").
 """
 
 from dataclasses import dataclass
@@ -14,15 +15,9 @@ from .divergences import DivergenceSpec
 class KDOptions:
     """kd_rows: a divergence of two temperature softmaxes per row."""
 
-    divergence: str
-    temperature: float
-    param: float  # beta for jsd, the skew for skew_*, 0 otherwise
+    spec: DivergenceSpec
     ignore_index: int
     backend: str
-
-    @property
-    def spec(self):
-        return DivergenceSpec(self.divergence, self.temperature, self.param)
 
 
 @dataclass(frozen=True)
@@ -37,15 +32,10 @@ class KLDivOptions:
 class SparseOptions:
     """sparse_kd: a divergence against a top-k teacher."""
 
-    divergence: str
-    temperature: float
+    spec: DivergenceSpec
     missing_mass: str
     ignore_index: int
     backend: str
-
-    @property
-    def spec(self):
-        return DivergenceSpec(self.divergence, self.temperature)
 
 
 @dataclass(frozen=True)
@@ -53,18 +43,12 @@ class FusedLinearOptions:
     """The fused linear losses: the soft term (a kd_rows divergence with a dense teacher, a sparse_kd
     one with a top-k teacher) and the optional hard cross-entropy term, each on its own backend."""
 
-    divergence: str
-    temperature: float
-    param: float
+    spec: DivergenceSpec
     missing_mass: str  # used with a top-k teacher only
     ignore_index: int
     with_hard: bool  # also compute hard-label cross-entropy rows (needs labels)
     soft_backend: str
     ce_backend: str  # "" without the hard term
-
-    @property
-    def spec(self):
-        return DivergenceSpec(self.divergence, self.temperature, self.param)
 
 
 @dataclass(frozen=True)

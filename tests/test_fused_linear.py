@@ -9,7 +9,10 @@ import torch
 
 import fastkd
 from conftest import DEVICE, TOLERANCE, each_backend
+from fastkd.divergences import DivergenceSpec
 from fastkd.kernels.fused_linear import driver
+from fastkd.ops.schema import flatten
+from fastkd.options import FusedLinearOptions
 from reference import fused_linear_loss as reference_loss
 from reference import rel_err
 
@@ -140,12 +143,13 @@ def test_opcheck_and_compile(backend):
     sw.requires_grad_(True)
     labels = torch.tensor([1, -100, 3], device=DEVICE)
     scale = torch.full((3,), 0.5, device=DEVICE)
+    jsd = flatten(FusedLinearOptions(DivergenceSpec("jsd", 2.0, 0.3), "renormalize", -100, True, backend, backend))
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_weighted.default,
-                          (sh, sw, None, th, tw, None, None, None, labels, scale, scale, "jsd", 2.0, 0.3,
-                           "renormalize", -100, True, backend, backend, True, True, False))
+                          (sh, sw, None, th, tw, None, None, None, labels, scale, scale, *jsd, True, True, False))
+    forward_kl = flatten(FusedLinearOptions(DivergenceSpec("forward_kl"), "renormalize", -100, True, backend,
+                                            backend))
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_rows.default,
-                          (sh, sw, None, th, tw, None, None, None, labels, "forward_kl", 1.0, 0.0, "renormalize",
-                           -100, True, backend, backend))
+                          (sh, sw, None, th, tw, None, None, None, labels, *forward_kl))
 
     def step(sh, sw, th, tw, labels):
         return fastkd.fused_linear_kd_loss(sh, sw, th, tw, labels, hard_weight=0.5, backend=backend)

@@ -36,11 +36,15 @@ FAMILIES = {
 }
 
 
+# Optional capabilities a call may need (DivergenceSpec.features) beyond its family's core.
+FEATURES = frozenset({"dkd", "logit_scale", "softcap", "standardize"})
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One row: ``backend`` implements ``family`` in ``module`` for these device types (None: every
-    device PyTorch has) and input dtypes. ``backend="auto"`` picks the usable row of highest
-    ``priority``; priority 0 rows run only when asked for by name."""
+    device PyTorch has), input dtypes and optional ``features``. ``backend="auto"`` picks the
+    usable row of highest ``priority``; priority 0 rows run only when asked for by name."""
 
     family: str
     backend: str
@@ -49,6 +53,7 @@ class Implementation:
     priority: int
     module: str
     note: str = ""
+    features: frozenset = frozenset()
 
 
 _LOGITS = "fastkd.kernels.logits"
@@ -64,7 +69,7 @@ ROWS = (
     Implementation("kd_rows", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton"),
     Implementation("kd_rows", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native"),
     Implementation("kd_rows", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native"),
-    Implementation("kd_rows", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch"),
+    Implementation("kd_rows", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch", features=FEATURES),
 
     Implementation("kl_div", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton_kl_div"),
     Implementation("kl_div", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton_kl_div"),
@@ -106,6 +111,7 @@ class BackendStatus:
     available: bool
     devices: tuple
     reason: str
+    features: tuple = ()  # the optional capabilities (FEATURES) its rows implement
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,9 +169,9 @@ def _runs(backend, device_type):
     return _PROBED[backend].get(device_type, (False, f"{backend} kernels do not run on {device_type!r} devices"))
 
 
-def _serves(row, device_type, dtypes):
+def _serves(row, device_type, dtypes, features=frozenset()):
     return ((row.devices is None or device_type in row.devices) and all(d in row.dtypes for d in dtypes)
-            and _runs(row.backend, device_type)[0])
+            and features <= row.features and _runs(row.backend, device_type)[0])
 
 
 def _describe(dtypes):
@@ -176,19 +182,20 @@ def _describe(dtypes):
 _BY_PRIORITY = tuple(sorted(ROWS, key=lambda row: -row.priority))
 
 
-def _usable(family, device_type, dtypes):
-    return [row for row in _BY_PRIORITY if row.family == family and _serves(row, device_type, dtypes)]
+def _usable(family, device_type, dtypes, features=frozenset()):
+    return [row for row in _BY_PRIORITY if row.family == family and _serves(row, device_type, dtypes, features)]
 
 
-def select(family, requested, device, dtypes):
-    """The backend that runs ``family`` for inputs of ``dtypes`` on ``device``: the highest-priority
-    usable row for ``requested="auto"``, else ``requested`` itself if it can serve.
+def select(family, requested, device, dtypes, features=frozenset()):
+    """The backend that runs ``family`` for inputs of ``dtypes`` on ``device`` with the optional
+    ``features`` (registry.FEATURES): the highest-priority usable row for ``requested="auto"``,
+    else ``requested`` itself if it can serve.
 
     Raises ValueError naming what would serve when the request cannot be honoured.
     """
     if not isinstance(requested, str) or requested not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {requested!r}")
-    usable = _usable(family, device.type, dtypes)
+    usable = _usable(family, device.type, dtypes, features)
     names = sorted({row.backend for row in usable})
     if requested == "auto":
         for row in usable:
@@ -204,9 +211,12 @@ def select(family, requested, device, dtypes):
         why = f"backend={requested!r} does not run {family} on {device.type!r} devices"
     elif not _runs(requested, device.type)[0]:
         why = f"backend={requested!r} is not available here: {_runs(requested, device.type)[1]}"
+    elif not any(features <= row.features for row in rows):
+        why = f"backend={requested!r} does not implement {', '.join(sorted(features))} for {family}"
     else:
         why = f"backend={requested!r} does not take {_describe(dtypes)} inputs for {family}"
-    raise ValueError(f"{why}. Backends that run it on {device.type} for {_describe(dtypes)} inputs: {names}")
+    wanted = f" with {', '.join(sorted(features))}" if features else ""
+    raise ValueError(f"{why}. Backends that run it{wanted} on {device.type} for {_describe(dtypes)} inputs: {names}")
 
 
 def implementation(family, backend, device_type):
@@ -222,9 +232,10 @@ def rows(family=None):
     return tuple(row for row in ROWS if family is None or row.family == family)
 
 
-def usable_backends(family, device_type, dtypes=(torch.float32,)):
-    """Names of the backends that run ``family`` on ``device_type`` here (auto's choice first)."""
-    return list(dict.fromkeys(row.backend for row in _usable(family, device_type, dtypes)))
+def usable_backends(family, device_type, dtypes=(torch.float32,), features=frozenset()):
+    """Names of the backends that run ``family`` (with ``features``) on ``device_type`` here, auto's
+    choice first."""
+    return list(dict.fromkeys(row.backend for row in _usable(family, device_type, dtypes, features)))
 
 
 def available_backends():
@@ -249,5 +260,7 @@ def available_backends():
                     notes.append(row.note)
             text = "; ".join(f"{'any device' if d == '*' else d}: {r}" for d, r in reasons.items())
             text += "".join(f" (note: {note})" for note in notes)
-            report[family][backend] = BackendStatus(backend, bool(devices), tuple(dict.fromkeys(devices)), text)
+            features = tuple(sorted(set.intersection(*(set(row.features) for row in family_rows))))
+            report[family][backend] = BackendStatus(backend, bool(devices), tuple(dict.fromkeys(devices)), text,
+                                                    features)
     return report

@@ -1,20 +1,30 @@
 """One options dataclass ↔ the primitive arguments of a torch.library schema.
 
-A custom op takes its tensors, then the fields of its options dataclass in order; ``define``
-writes that schema, ``flatten`` and ``unflatten`` convert, ``no_gradients`` gives the Nones an
-autograd backward returns for them. Nothing here counts arguments by hand.
+A custom op takes its tensors, then the fields of its options dataclass in order (a field that is
+itself a dataclass, such as the DivergenceSpec, is expanded in place); ``define`` writes that
+schema, ``flatten`` and ``unflatten`` convert, ``no_gradients`` gives the Nones an autograd
+backward returns for them. Nothing here counts arguments by hand.
 """
 
 import functools
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 
 import torch
 
 _SCHEMA_TYPES = {str: "str", float: "float", int: "int", bool: "bool"}
 
 
+def _leaves(options_class, prefix=""):
+    """(schema name, Python type) of every primitive field, nested dataclasses flattened in order."""
+    for field in fields(options_class):
+        if is_dataclass(field.type):
+            yield from _leaves(field.type, f"{prefix}{field.name}_")
+        else:
+            yield f"{prefix}{field.name}", field.type
+
+
 def _options_schema(options_class):
-    return ", ".join(f"{_SCHEMA_TYPES[field.type]} {field.name}" for field in fields(options_class))
+    return ", ".join(f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in _leaves(options_class))
 
 
 def define(name, tensors, options_class, returns, extra=""):
@@ -41,14 +51,26 @@ def _without_autocast(implementation):
 
 
 def flatten(options):
-    return tuple(getattr(options, field.name) for field in fields(options))
+    """The primitive fields of ``options`` in schema order (nested dataclasses expanded)."""
+    values = []
+    for field in fields(options):
+        value = getattr(options, field.name)
+        values.extend(flatten(value) if is_dataclass(field.type) else (value,))
+    return tuple(values)
 
 
 def unflatten(options_class, values):
-    """The options dataclass from the first len(fields) of ``values``; returns (options, the rest)."""
-    count = len(fields(options_class))
-    return options_class(*values[:count]), tuple(values[count:])
+    """The options dataclass from the leading primitive ``values``; returns (options, the rest)."""
+    values = tuple(values)
+    arguments = []
+    for field in fields(options_class):
+        if is_dataclass(field.type):
+            value, values = unflatten(field.type, values)
+        else:
+            value, values = values[0], values[1:]
+        arguments.append(value)
+    return options_class(*arguments), values
 
 
 def no_gradients(options_class):
-    return (None,) * len(fields(options_class))
+    return (None,) * sum(1 for _ in _leaves(options_class))

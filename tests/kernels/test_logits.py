@@ -8,10 +8,20 @@ import torch
 
 import fastkd
 from conftest import DEVICE, TOLERANCE, each_backend
+from fastkd.divergences import DivergenceSpec
+from fastkd.ops.schema import flatten
+from fastkd.options import KDOptions, KLDivOptions
 from reference import kd_loss as reference_kd_loss
 from reference import loss_and_grad, rel_err
 
 kd_rows = torch.ops.fastkd.kd_rows.default
+
+
+def _options(divergence, temperature, param, backend):
+    """The op's primitive option arguments, in schema order."""
+    return flatten(KDOptions(DivergenceSpec(divergence, temperature, param), -100, backend))
+
+
 kl_div_rows = torch.ops.fastkd.kl_div_rows.default
 
 
@@ -23,15 +33,15 @@ def test_kd_rows_opcheck(backend, divergence, param):
     student = torch.randn(4, 37, device=DEVICE, requires_grad=True)
     teacher = torch.randn(4, 37, device=DEVICE)
     labels = torch.tensor([0, -100, 2, 3], device=DEVICE)
-    torch.library.opcheck(kd_rows, (student, teacher, labels, divergence, 2.0, param, -100, backend))
-    torch.library.opcheck(kd_rows, (student, teacher, None, divergence, 1.0, param, -100, backend))
+    torch.library.opcheck(kd_rows, (student, teacher, labels, *_options(divergence, 2.0, param, backend)))
+    torch.library.opcheck(kd_rows, (student, teacher, None, *_options(divergence, 1.0, param, backend)))
 
 
 @each_backend("kd_rows")
 def test_kd_rows_opcheck_on_shifted_3d_view(backend):
     logits = torch.randn(2, 5, 19, device=DEVICE, requires_grad=True)
     teacher = torch.randn(2, 5, 19, device=DEVICE)
-    torch.library.opcheck(kd_rows, (logits[:, :-1], teacher[:, 1:], None, "forward_kl", 1.0, 0.0, -100, backend))
+    torch.library.opcheck(kd_rows, (logits[:, :-1], teacher[:, 1:], None, *_options("forward_kl", 1.0, 0.0, backend)))
 
 
 @each_backend("kl_div")
@@ -40,7 +50,7 @@ def test_kl_div_rows_opcheck(backend, log_target):
     log_q = torch.log_softmax(torch.randn(3, 29, device=DEVICE), -1).requires_grad_(True)
     target = torch.log_softmax(torch.randn(3, 29, device=DEVICE), -1)
     target = target if log_target else target.exp()
-    torch.library.opcheck(kl_div_rows, (log_q, target, log_target, backend))
+    torch.library.opcheck(kl_div_rows, (log_q, target, *flatten(KLDivOptions(log_target, backend))))
 
 
 @pytest.mark.parametrize("divergence", fastkd.DIVERGENCES)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ... import divergences
+from ... import divergences, logit_transforms
 from ..layout import compute_dtype, row_chunks, rows_slice
 from ..torch_scratch import Scratch
 from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS
@@ -36,27 +36,56 @@ def _scaled(x, inv_temperature, dtype, scratch):
     return torch.mul(x.to(dtype) if x.dtype != dtype else x, inv_temperature, out=out)
 
 
+def _side_logits(x, spec, side, dtype, scratch):
+    """The logits one side's softmax sees: its transforms (logit_transforms.py), then / T."""
+    if not spec.transforms_logits:
+        return _scaled(x, spec.inv_temperature, dtype, scratch)
+    transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side))
+    return transformed.mul_(spec.inv_temperature)
+
+
+def _transform_args(spec, side):
+    return (getattr(spec, f"{side}_scale"), getattr(spec, f"{side}_softcap"), spec.standardize,
+            spec.standardize_eps)
+
+
+def _targets(labels, start, stop, n_cols, ignore_index):
+    """dkd's target class per row, in range for the gather (ignored rows: 0), and the rows whose
+    label is neither a class nor ignored (they get NaN)."""
+    labels = labels[start:stop].long()
+    in_range = (labels >= 0) & (labels < n_cols)
+    return torch.where(in_range, labels, 0), ~in_range & (labels != ignore_index)
+
+
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
-    """student, teacher: (N, V) or (B, T, V) logits; labels: (N,) int or None.
+    """student, teacher: (N, V) or (B, T, V) logits; labels: (N,) int or None (dkd: required,
+    the target class of each row).
 
     Returns (loss (N,), stats (N, 5)) in the compute dtype: per row the max and log-sum-exp
-    offset of student / T and teacher / T, and the gradient constant ``aux``. Rows whose label
-    is ``ignore_index`` get zeros.
+    offset of student / T and teacher / T (dkd: over the non-target classes), and the gradient
+    constant ``aux``. Rows whose label is ``ignore_index`` get zeros.
     """
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
     dtype = compute_dtype(student, teacher)
     loss = torch.empty(n_rows, dtype=dtype, device=student.device)
     stats = torch.empty(n_rows, N_STATS, dtype=dtype, device=student.device)
-    inv_t = spec.inv_temperature
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
-        lq, max_s, log_sum_s = divergences.log_probs_and_parts(
-            _scaled(rows_slice(student, start, stop), inv_t, dtype, scratch), scratch)
-        lp, max_t, log_sum_t = divergences.log_probs_and_parts(
-            _scaled(rows_slice(teacher, start, stop), inv_t, dtype, scratch), scratch)
-        row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp, scratch)
+        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch)
+        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch)
+        if spec.name == "dkd":
+            target, bad = _targets(labels, start, stop, n_cols, ignore_index)
+            student_parts = divergences.dkd_parts(s, target, scratch)
+            teacher_parts = divergences.dkd_parts(t, target, scratch)
+            row_loss, aux = divergences.dkd_loss_and_aux(spec, student_parts, teacher_parts, scratch)
+            row_loss = torch.where(bad, math.nan, row_loss)
+            max_s, log_sum_s, max_t, log_sum_t = (*student_parts[1:3], *teacher_parts[1:3])
+        else:
+            lq, max_s, log_sum_s = divergences.log_probs_and_parts(s, scratch)
+            lp, max_t, log_sum_t = divergences.log_probs_and_parts(t, scratch)
+            row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp, scratch)
         row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux], dim=1)
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
@@ -80,18 +109,30 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
         row_stats = stats[start:stop].to(dtype)
-        lq = divergences.log_probs(_scaled(rows_slice(student, start, stop), inv_t, dtype, scratch),
-                                   row_stats[:, MAX_S], row_stats[:, LOG_SUM_S], scratch)
-        lp = divergences.log_probs(_scaled(rows_slice(teacher, start, stop), inv_t, dtype, scratch),
-                                   row_stats[:, MAX_T], row_stats[:, LOG_SUM_T], scratch)
-        g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX], scratch)
+        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch)
+        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch)
+        if spec.name == "dkd":
+            target, bad = _targets(labels, start, stop, n_cols, ignore_index)
+            s = scratch(s).copy_(s).scatter_(1, target[:, None], -math.inf)
+            t = scratch(t).copy_(t).scatter_(1, target[:, None], -math.inf)
+        lq = divergences.log_probs(s, row_stats[:, MAX_S], row_stats[:, LOG_SUM_S], scratch)
+        lp = divergences.log_probs(t, row_stats[:, MAX_T], row_stats[:, LOG_SUM_T], scratch)
+        if spec.name == "dkd":
+            g = divergences.dkd_grad_scaled_student(spec, lq, lp, target, row_stats[:, AUX], scratch)
+            g.masked_fill_(bad[:, None], math.nan)
+        else:
+            g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX], scratch)
         row_scale = grad_loss[start:stop].to(dtype) * inv_t
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
             # Ignored rows carry zero statistics: their g may be inf or NaN; zero them, never scale them.
             g.masked_fill_(~active[:, None], 0.0)
             row_scale = torch.where(active, row_scale, 0.0)
-        torch.mul(g, row_scale[:, None], out=grad_rows[start:stop])
+        g.mul_(row_scale[:, None])
+        if spec.transforms_logits:
+            g = logit_transforms.backward(rows_slice(student, start, stop).to(dtype), g,
+                                          *_transform_args(spec, "student"))
+        grad_rows[start:stop] = g
     return grad
 
 
