@@ -39,7 +39,7 @@ def signature(fn, cost_type):
         if param.is_constexpr:
             types[param.name] = "constexpr"
         elif param.name.endswith("_ptr"):
-            types[param.name] = cost_type if param.name == "cost_ptr" else "*i32" if param.name == "n_iter_ptr" else "*fp32"
+            types[param.name] = {"cost_ptr": cost_type, "n_iter_ptr": "*i32"}.get(param.name, "*fp32")
         elif param.annotation in ("i32", "i64", "fp32"):
             types[param.name] = param.annotation
         else:
