@@ -24,8 +24,9 @@
 # host's g++ and nvcc as usual; the one link of fastkd._C goes through zig's linker (the `ziglang`
 # package from PyPI), which links against stubs of GLIBC_TARGET's libc, libm, libpthread, libdl and
 # librt, so every glibc symbol binds to a version that glibc has. libstdc++ and libgcc are linked
-# statically (the host GCC 12 runtime needs GLIBCXX versions newer than manylinux_2_28 allows),
-# libgomp dynamically against PyTorch's copy; auditwheel grafts that copy and tags the wheel with
+# statically (the host GCC 12 runtime needs GLIBCXX versions newer than manylinux_2_28 allows), its
+# unwinder from the system's libgcc_s.so.1, libgomp dynamically against PyTorch's copy; auditwheel
+# grafts that copy and tags the wheel with
 # the policy asked for, failing if the binary does not satisfy it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -61,9 +62,20 @@ export GOMP_DIR
 export LINK_TOOLS="$WORK/link"
 mkdir "$LINK_TOOLS"
 printf '#!/bin/sh\nexec "%s" -m ziglang "$@"\n' "$WORK/tools/bin/python" > "$LINK_TOOLS/zig"
-# libstdc++ built on glibc >= 2.32 reads __libc_single_threaded, which older glibcs lack. 0 means
-# "maybe threaded": libstdc++ then always takes its atomic paths, correct on any glibc.
-printf 'char __libc_single_threaded = 0;\n' > "$LINK_TOOLS/single_threaded.c"
+# Two glibc symbols the host's static libstdc++ reads and glibc 2.28 lacks, kept private to the
+# module: __libc_single_threaded (2.32; 0 means "maybe threaded", so libstdc++ always takes its
+# atomic paths, correct anywhere) and arc4random (2.36, std::random_device; from getrandom, 2.25).
+cat > "$LINK_TOOLS/glibc_shims.c" <<'SHIMS'
+#include <stdint.h>
+#include <sys/random.h>
+char __libc_single_threaded = 0;
+uint32_t arc4random(void) {
+    uint32_t x;
+    while (getrandom(&x, sizeof x, 0) != (ssize_t)sizeof x) {
+    }
+    return x;
+}
+SHIMS
 # Only the module's entry point is exported: the static C++ runtime stays private to fastkd._C.
 printf '{ global: PyInit_*; local: *; };\n' > "$LINK_TOOLS/exports.map"
 cat > "$LINK_TOOLS/c++" <<'WRAPPER'
@@ -74,10 +86,12 @@ for arg in "$@"; do
     objects=()
     for a in "$@"; do [[ $a == -fopenmp ]] || objects+=("$a"); done  # zig's clang has no libgomp
     gcc_lib=$(dirname "$(g++ -print-libgcc-file-name)")
-    "$LINK_TOOLS/zig" cc -target "x86_64-linux-gnu.$GLIBC_TARGET" -O2 -fPIC -c "$LINK_TOOLS/single_threaded.c" \
-        -o "$LINK_TOOLS/single_threaded.o"
-    exec "$LINK_TOOLS/zig" cc -target "x86_64-linux-gnu.$GLIBC_TARGET" "${objects[@]}" "$LINK_TOOLS/single_threaded.o" \
-        -Wl,--version-script="$LINK_TOOLS/exports.map" "$gcc_lib/libstdc++.a" "$gcc_lib/libgcc_eh.a" \
+    "$LINK_TOOLS/zig" cc -target "x86_64-linux-gnu.$GLIBC_TARGET" -O2 -fPIC -c "$LINK_TOOLS/glibc_shims.c" \
+        -o "$LINK_TOOLS/glibc_shims.o"
+    # The unwinder comes from libgcc_s.so.1 (every glibc system has one; manylinux allows it): the
+    # static libgcc_eh of a GCC built on glibc >= 2.35 calls _dl_find_object, which 2.28 lacks.
+    exec "$LINK_TOOLS/zig" cc -target "x86_64-linux-gnu.$GLIBC_TARGET" "${objects[@]}" "$LINK_TOOLS/glibc_shims.o" \
+        -Wl,--version-script="$LINK_TOOLS/exports.map" "$gcc_lib/libstdc++.a" "$(g++ -print-file-name=libgcc_s.so.1)" \
         "$gcc_lib/libgcc.a" -L"$GOMP_DIR" -l:libgomp.so.1 -lpthread -ldl -lrt -lm
 done
 exec g++ "$@"
