@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 
 .PHONY: test bench smoke cuda-build-check clean
 
-$(VENV)/.installed: pyproject.toml setup.py requirements-peers.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu \
-		csrc/include/fastkd/*.h csrc/include/fastkd/*/*.h)
+$(VENV)/.installed: pyproject.toml setup.py requirements-peers.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*/*.cpp \
+		csrc/*/*.cu csrc/bindings/*.h csrc/include/fastkd/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest hypothesis pytest-benchmark matplotlib pot \
 		pybind11 ninja setuptools wheel

@@ -9,7 +9,8 @@ so one build serves every PyTorch version. Switches (environment variables):
     FASTKD_BUILD_CUDA=0|1    0: CPU part only even where nvcc exists; 1: fail if nvcc is missing
                              (default: build the CUDA part when nvcc is found)
     MAX_JOBS=N               parallel compile jobs
-    CXX, NVCC                compilers
+    CXX, NVCC                compilers (nvcc also reads NVCC_APPEND_FLAGS, e.g. "-Xptxas=-v" for the
+                             register report of scripts/cuda_build_check.sh)
 """
 
 import os
@@ -87,19 +88,23 @@ class NinjaBuildExt(build_ext):
 
         includes = [CSRC / "include", pybind11.get_include(), sysconfig.get_paths()["include"]]
         include_flags = " ".join(f"-I{_ninja_escape(p)}" for p in includes)
-        cxx_sources = sorted(CSRC.glob("cpu/*.cpp")) + [CSRC / "bindings.cpp"]
-        cuda_sources = sorted(CSRC.glob("cuda/*.cu"))
+        # Every .cpp and .cu under csrc/ (csrc/<family>/, csrc/bindings/, csrc/ itself). A build
+        # with CUDA compiles the .cu files; one without compiles csrc/cuda_stubs.cpp in their place.
+        stubs = CSRC / "cuda_stubs.cpp"
+        cuda_sources = sorted(CSRC.rglob("*.cu"))
         build_cuda = os.environ.get("FASTKD_BUILD_CUDA", "")
         nvcc = _find_nvcc() if cuda_sources and build_cuda != "0" else None
         if build_cuda == "1" and nvcc is None:
             raise RuntimeError("FASTKD_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
+        cxx_sources = [src for src in sorted(CSRC.rglob("*.cpp")) if not (nvcc and src == stubs)]
+        if not nvcc:
+            cuda_sources = []
 
-        defines = "-DFASTKD_WITH_CUDA" if nvcc else ""
         # -fno-trapping-math lets GCC turn the kernels' float selects into SIMD blends (nothing here
         # relies on floating-point traps); no -march flag: the wheel must run on any x86-64.
         lines = [
             f"cxx = {cxx}",
-            f"cxxflags = -O3 -std=c++17 -fPIC -fopenmp -fno-trapping-math -fvisibility=hidden -Wall {defines} "
+            f"cxxflags = -O3 -std=c++17 -fPIC -fopenmp -fno-trapping-math -fvisibility=hidden -Wall "
             f"{include_flags}",
             "rule cxx",
             "  command = $cxx -MMD -MF $out.d $cxxflags -c $in -o $out",
@@ -122,7 +127,7 @@ class NinjaBuildExt(build_ext):
             lines += [
                 f"nvcc = {nvcc}",
                 f"nvccflags = -O3 -std=c++17 --expt-relaxed-constexpr -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
-                f"{gencode} -DFASTKD_WITH_CUDA {include_flags}",
+                f"{gencode} {include_flags}",
                 "rule nvcc",
                 "  command = $nvcc -MD -MF $out.d $nvccflags -c $in -o $out",
                 "  depfile = $out.d",

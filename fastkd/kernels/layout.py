@@ -7,6 +7,9 @@ views such as ``logits[:, :-1]`` are read in place, never copied.
 
 import torch
 
+# What the compiled (Triton and C++/CUDA) kernels read; float64 is the torch backend's.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def compute_dtype(*tensors):
     """The dtype fastkd computes in for these inputs: float64 if any is float64, else float32.

@@ -1,11 +1,76 @@
-"""Thin calls into the compiled extension fastkd._C: pointers, sizes, strides, dtype codes."""
+"""Thin calls into the compiled extension fastkd._C: argument structs built with keywords, raw
+addresses, and the Python side of the contract the extension was compiled with.
+
+Every entry point of fastkd._C takes one argument struct (``_C.KdRowsArgs(...)``,
+``_C.CeRowsArgs(...)``, ``_C.SinkhornArgs(...)``), then keyword-only output addresses, then
+where it runs: ``n_threads`` on the CPU, ``device`` and ``stream`` on CUDA (``launch`` adds them).
+"""
 
 import torch
 
 from .layout import row_layout, row_shape
+from .logits import contract as logits_contract
 
-# Must match fastkd::DType in csrc/include/fastkd/dtypes.h.
+# The Python side of the contract with fastkd._C (the C++ side: csrc/include/fastkd/common/dtypes.h,
+# logits/contract.h, cross_entropy/contract.h; exported by fastkd._C.contract()). check_contract
+# compares the two, so a build compiled against other codes is caught at import (the registry
+# reports it unavailable), not in a result. The divergence codes and statistics columns are the
+# logits families' contract (logits/contract.py); the dtype codes belong to the extension alone.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def expected_contract():
+    """This package's side of the contract, in the form fastkd._C.contract() returns."""
+    return {
+        "divergence_codes": dict(logits_contract.DIVERGENCE_CODES),
+        "stats_columns": list(logits_contract.STATS_COLUMNS),
+        "ce_stats_columns": list(logits_contract.CE_STATS_COLUMNS),
+        "dtype_codes": {str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()},
+    }
+
+
+def check_contract(ext, expected):
+    """Compares ``ext.contract()`` with ``expected`` (a dict of the same form). Returns None when
+    they agree, else one line describing every difference, e.g. "fastkd._C was compiled with a
+    different contract: divergence_codes['jsd'] is 2 in fastkd._C, 3 here"."""
+    contract = getattr(ext, "contract", None)
+    if contract is None:
+        return "fastkd._C has no contract() (built from older sources; rebuild it)"
+    try:
+        actual = contract()
+    except Exception as exc:  # a broken build must be reported, not raise at import
+        return f"fastkd._C.contract() failed ({type(exc).__name__}: {exc})"
+    differences = []
+    for key in sorted(set(expected) | set(actual), key=str):
+        if key not in actual:
+            differences.append(f"{key} is missing from fastkd._C")
+        elif key not in expected:
+            differences.append(f"{key} is in fastkd._C but not expected here")
+        else:
+            differences += _differences(key, actual[key], expected[key])
+    if not differences:
+        return None
+    return "fastkd._C was compiled with a different contract: " + "; ".join(differences)
+
+
+def _differences(key, actual, expected):
+    if isinstance(actual, dict) and isinstance(expected, dict):
+        out = []
+        for name in sorted(set(actual) | set(expected), key=str):
+            if name not in actual:
+                out.append(f"{key}[{name!r}] is missing from fastkd._C (expected {expected[name]!r})")
+            elif name not in expected:
+                out.append(f"{key}[{name!r}] = {actual[name]!r} in fastkd._C is not expected here")
+            elif actual[name] != expected[name]:
+                out.append(f"{key}[{name!r}] is {actual[name]!r} in fastkd._C, {expected[name]!r} here")
+        return out
+    if _comparable(actual) != _comparable(expected):  # column lists: order matters
+        return [f"{key} is {actual!r} in fastkd._C, {expected!r} here"]
+    return []
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def extension():
@@ -15,53 +80,34 @@ def extension():
     return _C
 
 
-def row_logsumexp(x, temperature=1.0):
-    """logsumexp(x / temperature) over the last dim of a (N, V) CPU tensor, as (N,) float32."""
-    if x.device.type != "cpu" or x.dim() != 2:
-        raise ValueError(f"row_logsumexp takes a 2-D CPU tensor; got {x.dim()}-D on {x.device}")
-    if x.dtype not in DTYPE_CODES:
-        raise TypeError(f"row_logsumexp takes float32, float16, bfloat16 or float64; got {x.dtype}")
-    out = torch.empty(x.shape[0], dtype=torch.float32)
-    extension().row_logsumexp_cpu(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], x.shape[1],
-                                  x.stride(0), x.stride(1), 1.0 / temperature, out.data_ptr())
-    return out
-
-
 def rows_view(x):
-    """The rows of a 2-D (N, V) or 3-D (B, T, V) tensor as fastkd._C takes them:
-    (address, dtype code, inner, stride_outer, stride_inner, stride_col), strides in elements
-    (the addressing of reduction.row_layout; csrc/include/fastkd/kd_rows.h)."""
-    return (x.data_ptr(), DTYPE_CODES[x.dtype], row_shape(x)[2], *row_layout(x))
+    """The rows of a 2-D (N, V) or 3-D (B, T, V) tensor as a ``_C.RowsView`` (the addressing of
+    layout.row_layout, strides in elements; csrc/include/fastkd/common/rows_view.h)."""
+    stride_outer, stride_inner, stride_col = row_layout(x)
+    return extension().RowsView(data=x.data_ptr(), dtype=DTYPE_CODES[x.dtype], inner=row_shape(x)[2],
+                                stride_outer=stride_outer, stride_inner=stride_inner, stride_col=stride_col)
 
 
-def launch(name, device, *args):
-    """Calls ``<name>_cpu`` (with torch's intra-op thread count, so torch.set_num_threads applies)
-    or ``<name>_cuda`` (on the device's current stream, no synchronisation) for ``device``."""
+def int64_labels(labels, n_rows):
+    """The labels as the kernels read them: int64 (N,) contiguous (None stays None). Keep the
+    result alive until the kernel has run: the kernels get its address."""
+    if labels is None:
+        return None
+    if labels.numel() != n_rows:
+        raise ValueError(f"labels must hold one entry per row ({n_rows}); got shape {tuple(labels.shape)}")
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def launch(name, device, args, **outputs):
+    """Calls ``<name>_cpu`` or ``<name>_cuda`` of fastkd._C for ``device`` with the argument struct
+    ``args`` and the keyword ``outputs``. The CPU entry gets torch's intra-op thread count (so
+    torch.set_num_threads applies; the one thread-count rule is csrc/include/fastkd/common/threads.h),
+    the CUDA entry the device's current stream (no synchronisation)."""
     ext = extension()
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(ext, name + "_cuda")(*args, device.index, stream)
+        getattr(ext, name + "_cuda")(args, **outputs, device=device.index, stream=stream)
     elif device.type == "cpu":
-        getattr(ext, name + "_cpu")(*args, torch.get_num_threads())
+        getattr(ext, name + "_cpu")(args, **outputs, n_threads=torch.get_num_threads())
     else:
         raise ValueError(f"fastkd._C runs on cpu and cuda tensors; got a tensor on {device}")
-
-
-def contract_mismatch(ext):
-    """None when the loaded fastkd._C keeps the contract of this Python package (entry points of
-    the kernel families; once it exports ``contract()``, the codes and layouts themselves), else a
-    description of the difference: a stale build must not run with mismatched codes."""
-    from .logits import contract
-
-    missing = [name for name in ("kd_rows_forward_cpu", "kl_div_rows_forward_cpu", "sinkhorn_forward_cpu")
-               if not hasattr(ext, name)]
-    if missing:
-        return f"it lacks {', '.join(missing)}"
-    if not hasattr(ext, "contract"):
-        return None
-    expected = {"divergence_codes": contract.DIVERGENCE_CODES, "stats_columns": list(contract.STATS_COLUMNS),
-                "ce_stats_columns": list(contract.CE_STATS_COLUMNS),
-                "dtype_codes": {str(dtype).replace("torch.", ""): code for dtype, code in DTYPE_CODES.items()}}
-    actual = ext.contract()
-    differing = [key for key in expected if actual.get(key) != expected[key]]
-    return f"{', '.join(differing)} differ" if differing else None

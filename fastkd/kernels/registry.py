@@ -79,8 +79,8 @@ ROWS = (
 
     Implementation("ce", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton_ce"),
     Implementation("ce", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton_ce"),
-    Implementation("ce", "native", ("cpu", "cuda"), _FLOATS, 5, f"{_LOGITS}.torch",
-                   note="the torch implementation: fastkd._C has no cross-entropy kernel"),
+    Implementation("ce", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native_ce"),
+    Implementation("ce", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native_ce"),
     Implementation("ce", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch"),
 
     Implementation("sparse_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SPARSE),
@@ -141,9 +141,9 @@ def _probe_native():
     except Exception as exc:
         reason = f"the compiled extension fastkd._C is not built ({exc})"
         return {"cuda": (False, reason), "cpu": (False, reason)}
-    drift = native_ext.contract_mismatch(ext)
+    drift = native_ext.check_contract(ext, native_ext.expected_contract())
     if drift:
-        reason = f"fastkd._C does not match this fastkd ({drift}); rebuild it: pip install --no-build-isolation -e ."
+        reason = f"{drift}; rebuild it: pip install --no-build-isolation -e ."
         return {"cuda": (False, reason), "cpu": (False, reason)}
     cpu = (True, "C++ kernels of fastkd._C (OpenMP)")
     if not ext.with_cuda:

@@ -294,7 +294,7 @@ def test_triton_streamed_kernels(monkeypatch, shared, grad):
 @pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
 @pytest.mark.parametrize("grad", ["envelope", "unrolled"])
 def test_compiled_forward_matches_torch_backend_in_fp32(shared, grad):
-    """The C++ forward (csrc/cpu, csrc/cuda) against the torch backend on the same fp32 inputs, with
+    """The C++ forward (csrc/sinkhorn/cpu.cpp, cuda.cu) against the torch backend on the same fp32 inputs, with
     a strided (transposed) cost, zero masses, the plan and, for "unrolled", the saved histories
     that the torch backward (shared by both) reads."""
     backend = "native"

@@ -4,8 +4,6 @@ The C++ side holds the same numbers (csrc/include/fastkd/logits/); the registry 
 with ``fastkd._C.contract()`` at import and reports a drifted build as unavailable.
 """
 
-import torch
-
 # Kernel codes of the divergences (Triton constexprs, C++ enum values).
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4,
                     "tvd": 5}
@@ -24,6 +22,3 @@ N_CE_STATS = len(CE_STATS_COLUMNS)
 
 # Running maxima start finite: exp(m_old − m_new) of two -inf would be NaN on masked prefixes.
 NEG_START = -1e30
-
-# What the compiled (Triton and C++/CUDA) kernels read; float64 is the torch backend's.
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

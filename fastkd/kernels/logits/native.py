@@ -1,5 +1,5 @@
-"""Launchers of the compiled kd_rows and kl_div kernels of fastkd._C (csrc/cpu/kd_rows.cpp,
-csrc/cuda/kd_rows.cu): the ``native`` backend of those families. Same signatures and outputs as
+"""Launchers of the compiled kd_rows and kl_div kernels of fastkd._C (csrc/logits/cpu.cpp,
+csrc/logits/cuda.cu): the ``native`` backend of those families. Same signatures and outputs as
 the torch implementation (logits/torch.py); the tensors' device picks the CPU or CUDA entry point.
 
 Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 statistics.
@@ -7,9 +7,9 @@ Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 
 
 import torch
 
-from ..layout import row_shape
-from ..native_ext import launch, rows_view
-from .contract import DIVERGENCE_CODES, KERNEL_DTYPES, N_STATS
+from ..layout import KERNEL_DTYPES, row_shape
+from ..native_ext import extension, int64_labels, launch, rows_view
+from .contract import DIVERGENCE_CODES, N_STATS
 
 
 def _check_pair(first_name, first, second_name, second):
@@ -23,32 +23,35 @@ def _check_pair(first_name, first, second_name, second):
                          f"{tuple(second.shape)} on {second.device} must match in shape and device")
 
 
-def _labels_address(labels, n_rows):
-    """(address, keep-alive tensor) of the labels as int64 (N,), or (0, None) without labels."""
-    if labels is None:
-        return 0, None
-    if labels.numel() != n_rows:
-        raise ValueError(f"labels must hold one entry per row ({n_rows}); got shape {tuple(labels.shape)}")
-    labels = labels.reshape(-1).to(torch.int64).contiguous()
-    return labels.data_ptr(), labels
+def _kd_rows_args(student, teacher, labels, spec, ignore_index):
+    """The _C.KdRowsArgs of a call; labels: int64 (N,) contiguous, or None."""
+    n_rows, n_cols, _ = row_shape(student)
+    ext = extension()
+    divergence = ext.DivergenceParams(code=DIVERGENCE_CODES[spec.name], inv_temperature=spec.inv_temperature,
+                                      param=spec.param, log_param=spec.log_param, log1m_param=spec.log1m_param)
+    return ext.KdRowsArgs(n_rows=n_rows, n_cols=n_cols, student=rows_view(student), teacher=rows_view(teacher),
+                          labels=0 if labels is None else labels.data_ptr(), ignore_index=ignore_index,
+                          divergence=divergence)
 
 
-def _spec_tuple(spec):
-    return (DIVERGENCE_CODES[spec.name], spec.inv_temperature, spec.param, spec.log_param, spec.log1m_param)
+def _kl_div_rows_args(input, target, log_target):
+    n_rows, n_cols, _ = row_shape(input)
+    return extension().KlDivRowsArgs(n_rows=n_rows, n_cols=n_cols, input=rows_view(input), target=rows_view(target),
+                                     log_target=bool(log_target))
 
 
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V), fp32|fp16|bf16 (may differ), one device;
     labels: (N,) int or None. Returns (loss (N,), stats (N, 5)) fp32, zeros on ignored rows."""
     _check_pair("student", student, "teacher", teacher)
-    n_rows, n_cols, _ = row_shape(student)
+    n_rows = row_shape(student)[0]
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(n_rows, N_STATS, dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return loss, stats
-    labels_address, _keep = _labels_address(labels, n_rows)
-    launch("kd_rows_forward", student.device, n_rows, n_cols, rows_view(student), rows_view(teacher),
-           labels_address, ignore_index, _spec_tuple(spec), loss.data_ptr(), stats.data_ptr())
+    labels = int64_labels(labels, n_rows)
+    launch("kd_rows_forward", student.device, _kd_rows_args(student, teacher, labels, spec, ignore_index),
+           loss=loss.data_ptr(), stats=stats.data_ptr())
     return loss, stats
 
 
@@ -56,7 +59,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     """grad_loss: (N,); stats: (N, 5) from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
     _check_pair("student", student, "teacher", teacher)
-    n_rows, n_cols, _ = row_shape(student)
+    n_rows = row_shape(student)[0]
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     if n_rows == 0:
         return grad
@@ -65,10 +68,9 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     if grad_loss.numel() != n_rows or stats.shape != (n_rows, N_STATS):
         raise ValueError(f"grad_loss must be ({n_rows},) and stats ({n_rows}, {N_STATS}); got "
                          f"{tuple(grad_loss.shape)} and {tuple(stats.shape)}")
-    labels_address, _keep = _labels_address(labels, n_rows)
-    launch("kd_rows_backward", student.device, n_rows, n_cols, rows_view(student), rows_view(teacher),
-           labels_address, ignore_index, _spec_tuple(spec), grad_loss.data_ptr(), stats.data_ptr(),
-           grad.data_ptr())
+    labels = int64_labels(labels, n_rows)
+    launch("kd_rows_backward", student.device, _kd_rows_args(student, teacher, labels, spec, ignore_index),
+           grad_loss=grad_loss.data_ptr(), stats=stats.data_ptr(), grad=grad.data_ptr())
     return grad
 
 
@@ -76,21 +78,20 @@ def kl_div_rows_forward(input, target, log_target):
     """input: (N, V) or (B, T, V) log-probabilities; target: probabilities (log-probabilities if
     log_target), same shape. Returns Σ_V target·(log target − input) per row: (N,) fp32."""
     _check_pair("input", input, "target", target)
-    n_rows, n_cols, _ = row_shape(input)
+    n_rows = row_shape(input)[0]
     out = torch.empty(n_rows, dtype=torch.float32, device=input.device)
     if n_rows:
-        launch("kl_div_rows_forward", input.device, n_rows, n_cols, rows_view(input), rows_view(target),
-               bool(log_target), out.data_ptr())
+        launch("kl_div_rows_forward", input.device, _kl_div_rows_args(input, target, log_target), out=out.data_ptr())
     return out
 
 
 def kl_div_rows_backward(grad_rows, input, target, log_target):
     """grad_rows: (N,). Returns −target_prob·grad_rows: contiguous, input's shape and dtype."""
     _check_pair("input", input, "target", target)
-    n_rows, n_cols, _ = row_shape(input)
+    n_rows = row_shape(input)[0]
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     if n_rows:
         grad_rows = grad_rows.to(torch.float32).contiguous()
-        launch("kl_div_rows_backward", input.device, n_rows, n_cols, rows_view(input), rows_view(target),
-               bool(log_target), grad_rows.data_ptr(), grad.data_ptr())
+        launch("kl_div_rows_backward", input.device, _kl_div_rows_args(input, target, log_target),
+               grad_rows=grad_rows.data_ptr(), grad=grad.data_ptr())
     return grad

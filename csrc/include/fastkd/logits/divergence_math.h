@@ -7,38 +7,23 @@
 #include <cmath>
 #include <cstdint>
 
-#include "fastkd/fast_math.h"
-#include "fastkd/host_device.h"
+#include "fastkd/common/fast_math.h"
+#include "fastkd/common/host_device.h"
+#include "fastkd/common/lse_state.h"
+#include "fastkd/logits/contract.h"
 
 namespace fastkd {
 
-// Codes as in fastkd/backends/triton/logits.py (DIVERGENCE_CODES).
-enum Divergence : int {
-  kForwardKl = 0,
-  kReverseKl = 1,
-  kJsd = 2,
-  kSkewForwardKl = 3,
-  kSkewReverseKl = 4,
-  kTvd = 5,
-};
-
-// Columns of the (N, 5) fp32 per-row statistics (fastkd/backends/torch_ref.py).
-enum StatsColumn : int { kMaxS = 0, kLogSumS = 1, kMaxT = 2, kLogSumT = 3, kAux = 4, kNumStats = 5 };
-
-// Running maxima start finite: exp(m_old − m_new) of two -inf would be NaN on masked prefixes.
-constexpr float kNegStart = -1e30f;
-
-// The divergence's parameters as the kernels take them (DivergenceSpec in divergences.py):
-// param is beta for jsd, the skew for skew_*; log_param / log1m_param are log(param), log(1 − param).
+// The divergence and its parameters as the kernels take them (DivergenceSpec in divergences.py):
+// code is a Divergence; param is beta for jsd, the skew for skew_*; log_param / log1m_param are
+// log(param), log(1 − param).
 struct DivergenceParams {
+  int code;
   float inv_temperature;
   float param;
   float log_param;
   float log1m_param;
 };
-
-FASTKD_HOST_DEVICE float max_f(float a, float b) { return a > b ? a : b; }
-FASTKD_HOST_DEVICE float min_f(float a, float b) { return a < b ? a : b; }
 
 FASTKD_HOST_DEVICE float sign_f(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
@@ -51,29 +36,6 @@ FASTKD_HOST_DEVICE float log_add_exp(float x, float y) {
 
 // (x − max) − log_sum: a log-probability from the row statistics.
 FASTKD_HOST_DEVICE float log_prob(float x, float row_max, float log_sum) { return (x - row_max) - log_sum; }
-
-FASTKD_HOST_DEVICE float log_acc(float z) { return logf(z); }
-FASTKD_HOST_DEVICE double log_acc(double z) { return log(z); }
-
-// Max and sum of exponentials of a streamed row, moved to a new maximum block by block. Acc is
-// the sums' type: float on the GPU (each thread sums a few values, then a tree across threads),
-// double on the CPU, where one thread adds a whole row's partial sums one after another.
-template <class Acc>
-struct LseStateT {
-  float m = kNegStart;
-  Acc z = 0;
-
-  FASTKD_HOST_DEVICE void rescale(float m_new) {  // m_new ≥ m
-    z *= kd_exp(m - m_new);
-    m = m_new;
-  }
-  FASTKD_HOST_DEVICE void merge(const LseStateT& other) {
-    const float m_new = max_f(m, other.m);
-    z = z * kd_exp(m - m_new) + other.z * kd_exp(other.m - m_new);
-    m = m_new;
-  }
-  FASTKD_HOST_DEVICE float log_sum() const { return static_cast<float>(log_acc(z)); }
-};
 
 // One-pass KL(a ‖ b) of two streamed rows ("a" weights the sum: the teacher for forward KL, the
 // student for reverse KL). acc = Σ e^(a − m_a)·((a − m_a) − (b − m_b)) stays relative to the

@@ -1,5 +1,5 @@
 // CUDA kernel of the batched log-domain Sinkhorn forward, mirroring the Triton tile kernel of
-// fastkd/backends/triton/sinkhorn.py with the shared math of fastkd/sinkhorn_math.h. One thread
+// fastkd/backends/triton/sinkhorn.py with the shared math of sinkhorn/sinkhorn_math.h. One thread
 // block per problem runs all of its iterations and stops on its own once its marginal error
 // reaches tol (the error is reduced in the block: no host synchronisation, no lock-step).
 //   cost: when n·m fp32 fits in the block's shared memory (up to the device's opt-in limit,
@@ -17,15 +17,18 @@
 #include <stdexcept>
 #include <string>
 
-#include "fastkd/cuda_check.h"
-#include "fastkd/dispatch.h"
-#include "fastkd/sinkhorn.h"
-#include "fastkd/sinkhorn_math.h"
+#include "fastkd/common/cuda_check.h"
+#include "fastkd/common/dispatch.h"
+#include "fastkd/sinkhorn/sinkhorn.h"
+#include "fastkd/sinkhorn/sinkhorn_math.h"
 
 namespace fastkd {
 namespace {
 
 constexpr int kThreads = 256;
+// Resident blocks per SM the kernel is compiled for: four caps registers at 65536 / (4 · 256) = 64.
+// Left to itself, ptxas aimed lower for sm_80 (48 registers) and spilled in the tile variant.
+constexpr int kResidentBlocks = 4;
 constexpr int kWarp = 32;
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -92,9 +95,11 @@ __device__ float column_step(const Cost& cs, const float* u, const float* b, con
   return err;
 }
 
+// Grid: one block per problem (B). cost: (B, n, m) or shared (n, m) strided (CostView); a (B, n),
+// b (B, m) fp32; outputs as SinkhornOutputs; workspace: (B, 3n + 4m) fp32.
 template <DType D, bool TILE>
-__global__ void __launch_bounds__(kThreads) sinkhorn_forward_kernel(SinkhornArgs args, SinkhornOutputs out,
-                                                                      float* workspace) {
+__global__ void __launch_bounds__(kThreads, kResidentBlocks)
+    sinkhorn_forward_kernel(SinkhornArgs args, SinkhornOutputs out, float* workspace) {
   extern __shared__ float tile[];  // (n, m) C/ε when TILE
   __shared__ float partial[kThreads / kWarp];
   using storage = typename Element<D>::storage;
@@ -106,14 +111,14 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_forward_kernel(SinkhornArgs
   const int warp = threadIdx.x / kWarp;
   const int n_warps = blockDim.x / kWarp;
 
-  const storage* cost = static_cast<const storage*>(args.cost) + k * args.stride_cost_b;  // (n, m)
+  const storage* cost = static_cast<const storage*>(args.cost.data) + k * args.cost.stride_b;  // (n, m)
   if constexpr (TILE) {
     for (int64_t e = threadIdx.x; e < n * m; e += blockDim.x) {
       const int64_t i = e / m, j = e % m;
-      tile[e] = Element<D>::to_float(cost[i * args.stride_cost_n + j * args.stride_cost_m]) * inv_eps;
+      tile[e] = Element<D>::to_float(cost[i * args.cost.stride_n + j * args.cost.stride_m]) * inv_eps;
     }
   }
-  const ScaledCost<D, TILE> cs{cost, tile, args.stride_cost_n, args.stride_cost_m, m, inv_eps};
+  const ScaledCost<D, TILE> cs{cost, tile, args.cost.stride_n, args.cost.stride_m, m, inv_eps};
   float* la = workspace + k * (3 * n + 4 * m);  // (n)
   float* u = la + n;                            // (n)
   float* R = u + n;                             // (n)
@@ -226,7 +231,7 @@ void sinkhorn_forward_cuda(const SinkhornArgs& args, const SinkhornOutputs& out,
   // Leave room for the kernel's static shared memory (the block-sum partials).
   const bool tile = tile_bytes + 1024 <= max_shared;
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_dtype(args.cost_dtype, [&](auto tag) {
+  dispatch_dtype(args.cost.dtype, [&](auto tag) {
     constexpr DType D = decltype(tag)::value;
     if (tile) {
       launch_forward<D, true>(args, out, workspace, static_cast<size_t>(tile_bytes), cuda_stream);

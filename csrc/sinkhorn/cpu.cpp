@@ -1,5 +1,5 @@
 // CPU kernel of the batched log-domain Sinkhorn forward (fastkd/backends/torch_sinkhorn.py's
-// iteration, with the shared math of fastkd/sinkhorn_math.h). OpenMP over problems, dynamically
+// iteration, with the shared math of sinkhorn/sinkhorn_math.h). OpenMP over problems, dynamically
 // scheduled because each problem stops on its own; one thread runs all iterations of a problem.
 // The cost is converted once to a contiguous fp32 C/ε tile: per problem into the thread's buffer,
 // or, when shared by the batch, once for all threads. Both half-steps walk that tile row by row,
@@ -13,13 +13,10 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "fastkd/dispatch.h"
-#include "fastkd/sinkhorn.h"
-#include "fastkd/sinkhorn_math.h"
+#include "fastkd/common/dispatch.h"
+#include "fastkd/common/threads.h"
+#include "fastkd/sinkhorn/sinkhorn.h"
+#include "fastkd/sinkhorn/sinkhorn_math.h"
 
 namespace fastkd {
 namespace {
@@ -27,11 +24,11 @@ namespace {
 template <DType D>
 void load_scaled_cost(const SinkhornArgs& args, int64_t problem, float inv_eps, float* cs) {
   using storage = typename Element<D>::storage;
-  const storage* base = static_cast<const storage*>(args.cost) + problem * args.stride_cost_b;
+  const storage* base = static_cast<const storage*>(args.cost.data) + problem * args.cost.stride_b;
   for (int64_t i = 0; i < args.n; ++i) {
-    const storage* row = base + i * args.stride_cost_n;
+    const storage* row = base + i * args.cost.stride_n;
     float* out = cs + i * args.m;
-    const int64_t stride = args.stride_cost_m;
+    const int64_t stride = args.cost.stride_m;
 #pragma omp simd
     for (int64_t j = 0; j < args.m; ++j) out[j] = Element<D>::to_float(row[j * stride]) * inv_eps;
   }
@@ -169,7 +166,7 @@ void solve_problem(const SinkhornArgs& args, const SinkhornOutputs& out, int64_t
 template <DType D>
 void run(const SinkhornArgs& args, const SinkhornOutputs& out, int n_threads) {
   const float inv_eps = 1.0f / args.eps;
-  const bool shared = args.stride_cost_b == 0;
+  const bool shared = args.cost.stride_b == 0;
   std::vector<float> shared_tile;
   if (shared) {  // read and scaled once for the whole batch
     shared_tile.resize(args.n * args.m);
@@ -195,8 +192,8 @@ void run(const SinkhornArgs& args, const SinkhornOutputs& out, int n_threads) {
 void sinkhorn_forward_cpu(const SinkhornArgs& args, const SinkhornOutputs& out, int n_threads) {
   check_sinkhorn_args(args, out);
   if (args.n_problems == 0) return;
-  if (n_threads < 1) n_threads = 1;
-  dispatch_dtype(args.cost_dtype, [&](auto tag) { run<decltype(tag)::value>(args, out, n_threads); });
+  const int threads = resolve_threads(n_threads);
+  dispatch_dtype(args.cost.dtype, [&](auto tag) { run<decltype(tag)::value>(args, out, threads); });
 }
 
 }  // namespace fastkd

@@ -1,4 +1,4 @@
-// Error checks and the device guard shared by the CUDA sources (host code only).
+// Error checks and the device guard of the CUDA launchers (host code only).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,79 +1,30 @@
-// CPU kernels of the kd_rows and kl_div_rows ops: OpenMP over rows; inside a row the columns go
-// in blocks of kBlock, converted to scaled fp32 in two small buffers (they stay in L1), and
-// every element loop is an `omp simd` loop over the shared math of fastkd/kd_math.h.
+// CPU kernels of the logits family (kd_rows, kl_div_rows): OpenMP over rows; inside a row the
+// columns go in blocks of cpu::kBlock converted to scaled fp32 (common/cpu_rows.h), and every
+// element loop is an `omp simd` loop over the shared math of logits/divergence_math.h.
 //   forward_kl / reverse_kl: one pass (ShiftedKlStateT), jsd / skew_* / tvd: two passes,
 //   backward: one pass. Extra memory: two blocks per thread; outputs O(N) besides the gradient.
-// Sums run in double SIMD lanes over fp32 terms: fp32 partial sums put ~1e-7 absolute error into
-// log Σ exp, which is 1e-5 of a small divergence (nearly equal p and q); the exps dominate the time.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "fastkd/dispatch.h"
-#include "fastkd/kd_rows.h"
-
-// On x86-64 with GCC ≥ 12 (x86-64-v3 clones) the per-row functions are also compiled for
-// AVX2+FMA and chosen at load time (ifunc), so a wheel built for baseline x86-64 still runs 8
-// lanes wide where it can.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 12
-#define FASTKD_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTKD_ROW_CLONES
-#endif
+#include "fastkd/common/cpu_rows.h"
+#include "fastkd/common/dispatch.h"
+#include "fastkd/logits/kd_rows.h"
 
 namespace fastkd {
 namespace {
 
-constexpr int64_t kBlock = 512;
-
-using LseState = LseStateT<double>;
+using cpu::kBlock;
+using cpu::LseState;
+using cpu::load_scaled;
+using cpu::lse_add_block;
+using cpu::block_max;
+using cpu::row_pointer;
+using cpu::storage_t;
 using ShiftedKlState = ShiftedKlStateT<double>;
-
-template <DType D>
-using storage_t = typename Element<D>::storage;
-
-template <DType D>
-const storage_t<D>* row_pointer(const RowsView& view, int64_t row) {
-  return static_cast<const storage_t<D>*>(view.data) + row_start(view, row);
-}
 
 bool row_is_active(const KdRowsArgs& args, int64_t row) {
   return args.labels == nullptr || args.labels[row] != args.ignore_index;
-}
-
-// buf[i] = row[(col + i)·stride] · scale for i < n, in fp32.
-template <DType D>
-inline void load_scaled(const storage_t<D>* row, int64_t col, int64_t n, int64_t stride, float scale,
-                        float* buf) {
-  if (stride == 1) {
-    const storage_t<D>* src = row + col;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = Element<D>::to_float(src[i]) * scale;
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = Element<D>::to_float(row[(col + i) * stride]) * scale;
-  }
-}
-
-inline float block_max(const float* x, int64_t n) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-// Moves `state` to cover x[0, n) and adds Σ exp(x − m).
-inline void lse_add_block(LseState& state, const float* x, int64_t n) {
-  state.rescale(max_f(state.m, block_max(x, n)));
-  const float m = state.m;
-  double z = 0.0;
-#pragma omp simd reduction(+ : z)
-  for (int64_t i = 0; i < n; ++i) z += kd_exp(x[i] - m);
-  state.z += z;
 }
 
 void write_row_outputs(float* loss, float* stats, int64_t row, float row_loss, float max_s, float log_sum_s,
@@ -98,7 +49,7 @@ FASTKD_ROW_CLONES void kl_forward_row(const KdRowsArgs& args, int64_t row, float
   alignas(64) float t[kBlock];
   const storage_t<DS>* s_row = row_pointer<DS>(args.student, row);
   const storage_t<DT>* t_row = row_pointer<DT>(args.teacher, row);
-  const float inv_t = args.params.inv_temperature;
+  const float inv_t = args.divergence.inv_temperature;
   const float* xa = REVERSE ? s : t;
   const float* xb = REVERSE ? t : s;
   ShiftedKlState state;
@@ -140,7 +91,7 @@ FASTKD_ROW_CLONES void two_pass_forward_row(const KdRowsArgs& args, int64_t row,
   alignas(64) float t[kBlock];
   const storage_t<DS>* s_row = row_pointer<DS>(args.student, row);
   const storage_t<DT>* t_row = row_pointer<DT>(args.teacher, row);
-  const DivergenceParams k = args.params;
+  const DivergenceParams k = args.divergence;
   LseState lse_s, lse_t;
   for (int64_t col = 0; col < args.n_cols; col += kBlock) {
     const int64_t n = std::min(kBlock, args.n_cols - col);
@@ -177,7 +128,7 @@ FASTKD_ROW_CLONES void backward_row(const KdRowsArgs& args, int64_t row, const f
   alignas(64) float t[kBlock];
   const storage_t<DS>* s_row = row_pointer<DS>(args.student, row);
   const storage_t<DT>* t_row = row_pointer<DT>(args.teacher, row);
-  const DivergenceParams k = args.params;
+  const DivergenceParams k = args.divergence;
   const float* row_stats = stats + row * kNumStats;
   const float m_s = row_stats[kMaxS], log_sum_s = row_stats[kLogSumS];
   const float m_t = row_stats[kMaxT], log_sum_t = row_stats[kLogSumT];
@@ -199,16 +150,17 @@ FASTKD_ROW_CLONES void backward_row(const KdRowsArgs& args, int64_t row, const f
 }
 
 template <DType DI, DType DT>
-FASTKD_ROW_CLONES void kl_div_forward_row(const KdRowsArgs& args, bool log_target, int64_t row, float* out) {
+FASTKD_ROW_CLONES void kl_div_forward_row(const KlDivRowsArgs& args, int64_t row, float* out) {
   alignas(64) float x[kBlock];
   alignas(64) float y[kBlock];
-  const storage_t<DI>* x_row = row_pointer<DI>(args.student, row);
-  const storage_t<DT>* y_row = row_pointer<DT>(args.teacher, row);
+  const storage_t<DI>* x_row = row_pointer<DI>(args.input, row);
+  const storage_t<DT>* y_row = row_pointer<DT>(args.target, row);
+  const bool log_target = args.log_target;
   double total = 0.0;
   for (int64_t col = 0; col < args.n_cols; col += kBlock) {
     const int64_t n = std::min(kBlock, args.n_cols - col);
-    load_scaled<DI>(x_row, col, n, args.student.stride_col, 1.0f, x);
-    load_scaled<DT>(y_row, col, n, args.teacher.stride_col, 1.0f, y);
+    load_scaled<DI>(x_row, col, n, args.input.stride_col, 1.0f, x);
+    load_scaled<DT>(y_row, col, n, args.target.stride_col, 1.0f, y);
     // Not `omp simd`: the non-log target needs libm's logf, a scalar call.
     for (int64_t i = 0; i < n; ++i) total += kl_div_term(x[i], y[i], log_target);
   }
@@ -216,63 +168,44 @@ FASTKD_ROW_CLONES void kl_div_forward_row(const KdRowsArgs& args, bool log_targe
 }
 
 template <DType DI, DType DT>
-FASTKD_ROW_CLONES void kl_div_backward_row(const KdRowsArgs& args, bool log_target, int64_t row,
-                                           const float* grad_rows, void* grad) {
+FASTKD_ROW_CLONES void kl_div_backward_row(const KlDivRowsArgs& args, int64_t row, const float* grad_rows,
+                                           void* grad) {
   storage_t<DI>* g_row = static_cast<storage_t<DI>*>(grad) + row * args.n_cols;
   alignas(64) float y[kBlock];
-  const storage_t<DT>* y_row = row_pointer<DT>(args.teacher, row);
+  const storage_t<DT>* y_row = row_pointer<DT>(args.target, row);
+  const bool log_target = args.log_target;
   const float scale = -grad_rows[row];
   for (int64_t col = 0; col < args.n_cols; col += kBlock) {
     const int64_t n = std::min(kBlock, args.n_cols - col);
-    load_scaled<DT>(y_row, col, n, args.teacher.stride_col, 1.0f, y);
+    load_scaled<DT>(y_row, col, n, args.target.stride_col, 1.0f, y);
     storage_t<DI>* out = g_row + col;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = Element<DI>::from_float(kl_div_target_prob(y[i], log_target) * scale);
   }
 }
 
-int resolve_threads(int n_threads) {
-#ifdef _OPENMP
-  return n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-// Rows in parallel; inactive (ignored) rows get `skip(row)` instead of `body(row)`.
-template <class Body, class Skip>
-void for_each_row(const KdRowsArgs& args, int n_threads, Body body, Skip skip) {
-  const int64_t n_rows = args.n_rows;
-  const int threads = resolve_threads(n_threads);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t row = 0; row < n_rows; ++row) {
-    if (row_is_active(args, row)) {
-      body(row);
-    } else {
-      skip(row);
-    }
-  }
-}
-
 }  // namespace
 
 void kd_rows_forward_cpu(const KdRowsArgs& args, float* loss, float* stats, int n_threads) {
-  check_kd_rows_args(args, true);
+  check_kd_rows_args(args);
   if (args.n_rows == 0) return;
-  auto skip = [&](int64_t row) { write_row_outputs(loss, stats, row, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f); };
+  check_not_null(loss, "loss");
+  check_not_null(stats, "stats");
   dispatch_dtype(args.student.dtype, [&](auto s_tag) {
     dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
-      dispatch_divergence(args.divergence, [&](auto div_tag) {
+      dispatch_divergence(args.divergence.code, [&](auto div_tag) {
         constexpr DType DS = decltype(s_tag)::value;
         constexpr DType DT = decltype(t_tag)::value;
         constexpr int DIV = decltype(div_tag)::value;
-        for_each_row(args, n_threads, [&](int64_t row) {
-          if constexpr (DIV == kForwardKl || DIV == kReverseKl) {
+        cpu::for_each_row(args.n_rows, n_threads, [&](int64_t row) {
+          if (!row_is_active(args, row)) {
+            write_row_outputs(loss, stats, row, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+          } else if constexpr (DIV == kForwardKl || DIV == kReverseKl) {
             kl_forward_row<DS, DT, DIV == kReverseKl>(args, row, loss, stats);
           } else {
             two_pass_forward_row<DS, DT, DIV>(args, row, loss, stats);
           }
-        }, skip);
+        });
       });
     });
   });
@@ -280,49 +213,54 @@ void kd_rows_forward_cpu(const KdRowsArgs& args, float* loss, float* stats, int 
 
 void kd_rows_backward_cpu(const KdRowsArgs& args, const float* grad_loss, const float* stats, void* grad,
                           int n_threads) {
-  check_kd_rows_args(args, true);
+  check_kd_rows_args(args);
   if (args.n_rows == 0) return;
+  check_not_null(grad_loss, "grad_loss");
+  check_not_null(stats, "stats");
+  check_not_null(grad, "grad");
   dispatch_dtype(args.student.dtype, [&](auto s_tag) {
-    constexpr DType DS = decltype(s_tag)::value;
-    auto skip = [&](int64_t row) {  // every float dtype's zero is all-zero bits
-      std::memset(static_cast<storage_t<DS>*>(grad) + row * args.n_cols, 0, sizeof(storage_t<DS>) * args.n_cols);
-    };
     dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
-      dispatch_divergence(args.divergence, [&](auto div_tag) {
+      dispatch_divergence(args.divergence.code, [&](auto div_tag) {
+        constexpr DType DS = decltype(s_tag)::value;
         constexpr DType DT = decltype(t_tag)::value;
         constexpr int DIV = decltype(div_tag)::value;
-        for_each_row(args, n_threads, [&](int64_t row) {
-          backward_row<DS, DT, DIV>(args, row, grad_loss, stats, grad);
-        }, skip);
+        cpu::for_each_row(args.n_rows, n_threads, [&](int64_t row) {
+          if (row_is_active(args, row)) {
+            backward_row<DS, DT, DIV>(args, row, grad_loss, stats, grad);
+          } else {  // every float dtype's zero is all-zero bits
+            std::memset(static_cast<storage_t<DS>*>(grad) + row * args.n_cols, 0,
+                        sizeof(storage_t<DS>) * args.n_cols);
+          }
+        });
       });
     });
   });
 }
 
-void kl_div_rows_forward_cpu(const KdRowsArgs& args, bool log_target, float* out, int n_threads) {
-  check_kd_rows_args(args, false);
+void kl_div_rows_forward_cpu(const KlDivRowsArgs& args, float* out, int n_threads) {
+  check_kl_div_rows_args(args);
   if (args.n_rows == 0) return;
-  dispatch_dtype(args.student.dtype, [&](auto i_tag) {
-    dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
+  check_not_null(out, "out");
+  dispatch_dtype(args.input.dtype, [&](auto i_tag) {
+    dispatch_dtype(args.target.dtype, [&](auto t_tag) {
       constexpr DType DI = decltype(i_tag)::value;
       constexpr DType DT = decltype(t_tag)::value;
-      for_each_row(args, n_threads, [&](int64_t row) { kl_div_forward_row<DI, DT>(args, log_target, row, out); },
-                   [&](int64_t row) { out[row] = 0.0f; });
+      cpu::for_each_row(args.n_rows, n_threads, [&](int64_t row) { kl_div_forward_row<DI, DT>(args, row, out); });
     });
   });
 }
 
-void kl_div_rows_backward_cpu(const KdRowsArgs& args, bool log_target, const float* grad_rows, void* grad,
-                              int n_threads) {
-  check_kd_rows_args(args, false);
+void kl_div_rows_backward_cpu(const KlDivRowsArgs& args, const float* grad_rows, void* grad, int n_threads) {
+  check_kl_div_rows_args(args);
   if (args.n_rows == 0) return;
-  dispatch_dtype(args.student.dtype, [&](auto i_tag) {
-    dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
+  check_not_null(grad_rows, "grad_rows");
+  check_not_null(grad, "grad");
+  dispatch_dtype(args.input.dtype, [&](auto i_tag) {
+    dispatch_dtype(args.target.dtype, [&](auto t_tag) {
       constexpr DType DI = decltype(i_tag)::value;
       constexpr DType DT = decltype(t_tag)::value;
-      for_each_row(args, n_threads,
-                   [&](int64_t row) { kl_div_backward_row<DI, DT>(args, log_target, row, grad_rows, grad); },
-                   [](int64_t) {});
+      cpu::for_each_row(args.n_rows, n_threads,
+                        [&](int64_t row) { kl_div_backward_row<DI, DT>(args, row, grad_rows, grad); });
     });
   });
 }

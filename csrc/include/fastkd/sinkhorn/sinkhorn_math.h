@@ -9,8 +9,8 @@
 
 #include <cmath>
 
-#include "fastkd/fast_math.h"
-#include "fastkd/host_device.h"
+#include "fastkd/common/fast_math.h"
+#include "fastkd/common/host_device.h"
 
 namespace fastkd {
 

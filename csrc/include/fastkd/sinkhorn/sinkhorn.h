@@ -1,24 +1,32 @@
-// Entry points of the batched log-domain Sinkhorn forward (CPU: csrc/cpu/sinkhorn.cpp, CUDA:
-// csrc/cuda/sinkhorn.cu), called by csrc/bindings.cpp with raw addresses from Python
-// (fastkd/backends/native_sinkhorn.py). The backward stays in PyTorch (backends/torch_sinkhorn.py).
+// Entry points of the batched log-domain Sinkhorn forward (CPU: csrc/sinkhorn/cpu.cpp, CUDA:
+// csrc/sinkhorn/cuda.cu, csrc/cuda_stubs.cpp in builds without CUDA), bound in
+// csrc/bindings/sinkhorn.cpp for fastkd/backends/native_sinkhorn.py. The backward stays in
+// PyTorch (backends/torch_sinkhorn.py).
 #pragma once
 
 #include <cstdint>
 
-#include "fastkd/dtypes.h"
-#include "fastkd/kd_rows.h"
+#include "fastkd/common/dispatch.h"
+#include "fastkd/common/dtypes.h"
+#include "fastkd/common/errors.h"
 
 namespace fastkd {
+
+// The cost matrices: (B, n, m), or one (n, m) shared by the batch with stride_b = 0;
+// fp32|fp16|bf16, strides in elements.
+struct CostView {
+  const void* data;
+  DType dtype;
+  int64_t stride_b;
+  int64_t stride_n;
+  int64_t stride_m;
+};
 
 struct SinkhornArgs {
   int64_t n_problems;  // B
   int64_t n;
   int64_t m;
-  const void* cost;  // (B, n, m), or (n, m) shared with stride_cost_b = 0; fp32|fp16|bf16
-  DType cost_dtype;
-  int64_t stride_cost_b;
-  int64_t stride_cost_n;
-  int64_t stride_cost_m;
+  CostView cost;
   const float* a;  // (B, n) fp32 contiguous
   const float* b;  // (B, m) fp32 contiguous
   float eps;
@@ -43,20 +51,19 @@ struct SinkhornOutputs {
   float* g_hist;
 };
 
+// CPU: n_threads as in common/threads.h. CUDA: enqueued on `stream` (a cudaStream_t as an
+// integer) of `device`; workspace: B·(3n + 4m) fp32 of device memory.
 void sinkhorn_forward_cpu(const SinkhornArgs& args, const SinkhornOutputs& out, int n_threads);
-// Enqueues on `stream` of `device`; workspace: B·(3n + 4m) fp32 of device memory. Defined only in
-// builds with FASTKD_WITH_CUDA.
 void sinkhorn_forward_cuda(const SinkhornArgs& args, const SinkhornOutputs& out, float* workspace, int device,
                            uintptr_t stream);
 
 inline void check_sinkhorn_args(const SinkhornArgs& args, const SinkhornOutputs& out) {
   if (args.n_problems < 0 || args.n < 1 || args.m < 1) throw_invalid("B/n/m", " must be >= 0, >= 1 and >= 1");
-  const int code = static_cast<int>(args.cost_dtype);
-  if (code < 0 || code > 2) throw_invalid("cost", " must be float32, float16 or bfloat16 (dtype code 0, 1 or 2)");
+  if (!is_kernel_dtype(args.cost.dtype)) throw_invalid("cost", " must be float32, float16 or bfloat16 (dtype code 0, 1 or 2)");
   if (!(args.eps > 0.0f)) throw_invalid("eps", " must be > 0");
   if (args.max_iter < 1) throw_invalid("max_iter", " must be >= 1");
   if (args.n_problems == 0) return;
-  if (args.cost == nullptr || args.a == nullptr || args.b == nullptr) throw_invalid("cost/a/b", " is a null pointer");
+  if (args.cost.data == nullptr || args.a == nullptr || args.b == nullptr) throw_invalid("cost/a/b", " is a null pointer");
   if (out.value == nullptr || out.value_linear == nullptr || out.f == nullptr || out.g == nullptr ||
       out.n_iter == nullptr || out.err == nullptr)
     throw_invalid("outputs", " hold a null pointer");

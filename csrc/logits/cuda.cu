@@ -1,51 +1,56 @@
-// CUDA kernels of the kd_rows and kl_div_rows ops, mirroring the Triton kernels of
-// fastkd/backends/triton/logits.py with the shared math of fastkd/kd_math.h. One thread block per
-// row; each thread takes VEC columns at a time (one 16-byte load of the wider input dtype when
-// both rows are contiguous and aligned, else VEC coalesced scalar loads), keeps fp32 partial
-// state, and the block merges the states (warp shuffles, then one warp over shared memory).
+// CUDA kernels of the logits family (kd_rows, kl_div_rows), mirroring the Triton kernels of
+// fastkd/backends/triton/logits.py with the shared math of logits/divergence_math.h. One thread
+// block per row; each thread keeps fp32 partial state and the block merges the states (warp
+// shuffles, then one warp over shared memory). A thread reads its share of the row kUnroll packs
+// per tensor at a time: one 16-byte load of the wider input dtype per pack when both rows are
+// contiguous and aligned, else VEC coalesced scalar loads.
 //   forward_kl / reverse_kl: one pass (ShiftedKlStateT), jsd / skew_* / tvd: two passes,
 //   backward: one pass writing ∂L/∂student in the student's dtype. No host synchronisation.
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
-#include "fastkd/cuda_check.h"
-#include "fastkd/dispatch.h"
-#include "fastkd/kd_rows.h"
+#include "fastkd/common/cuda_check.h"
+#include "fastkd/common/cuda_rows.h"
+#include "fastkd/common/dispatch.h"
+#include "fastkd/logits/kd_rows.h"
 
 namespace fastkd {
 namespace {
 
-constexpr int kMaxThreads = 512;
-constexpr int kWarp = 32;
+using cuda::FloatPair;
+using cuda::Pack;
+using cuda::add_pair;
+using cuda::block_reduce;
+using cuda::is_aligned;
+using cuda::kMaxThreads;
+using cuda::load_pack;
+using cuda::storage_t;
+using cuda::unpack_scaled;
 
-template <DType D>
-using storage_t = typename Element<D>::storage;
+// Packs per tensor a thread loads before it uses any: the loads of one step are in flight
+// together. Memory parallelism an SM needs (Little's law): bandwidth × latency / SMs =
+// 3 TB/s × 1 µs / 132 ≈ 22 KiB (H100; more under load, when the latency grows). One 16-byte pack
+// per tensor and thread (the kernels before) kept 512 threads × 16 B × 2 tensors = 16 KiB per
+// block in flight, ~32 KiB per SM at two resident blocks: barely above the need, and below it
+// whenever a warp is busy with its exps instead of loading. Four packs: 512 × 4 × 16 B × 2 =
+// 64 KiB per block, so even one resident block keeps ≥ 64 KiB in flight per SM, two keep 128 KiB
+// (with an fp32/16-bit pair the 16-bit row's packs are 8 bytes: 48 KiB per block). The raw packs
+// cost 2 × 4 × 4 = 32 registers per thread.
+constexpr int kUnroll = 4;
 
-// Columns per thread and step: 16 bytes of the wider of the two input dtypes.
+// Resident blocks per SM a kernel is compiled for (cuda::kResidentBlocks: two, ≤ 64 registers).
+// The per-element math of jsd and skew_* does not fit in 64 registers next to four packs in flight
+// (ptxas spills): those kernels are compiled for one block (up to 128 registers), which still
+// keeps 64 KiB in flight.
+constexpr int min_resident_blocks(int divergence) {
+  return divergence == kJsd || divergence == kSkewForwardKl || divergence == kSkewReverseKl ? 1
+                                                                                             : cuda::kResidentBlocks;
+}
+
 template <DType DS, DType DT>
 constexpr int vec_width() {
-  return 16 / (sizeof(storage_t<DS>) > sizeof(storage_t<DT>) ? sizeof(storage_t<DS>) : sizeof(storage_t<DT>));
-}
-
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <class T, int N>
-__device__ __forceinline__ bool is_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
-}
-
-template <DType D, int VEC>
-__device__ __forceinline__ void load_pack(const storage_t<D>* __restrict__ row, int64_t col, float scale,
-                                          float (&out)[VEC]) {
-  const Pack<storage_t<D>, VEC> pack = *reinterpret_cast<const Pack<storage_t<D>, VEC>*>(row + col);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = Element<D>::to_float(pack.v[j]) * scale;
+  return cuda::vec_width<storage_t<DS>, storage_t<DT>>();
 }
 
 // The two rows of one block, and how they are read.
@@ -60,14 +65,15 @@ struct RowPair {
 };
 
 template <DType DS, DType DT>
-__device__ RowPair<DS, DT> row_pair(const KdRowsArgs& args, int64_t row) {
+__device__ RowPair<DS, DT> row_pair(const RowsView& student, const RowsView& teacher, int64_t n_cols,
+                                    int64_t row) {
   constexpr int VEC = vec_width<DS, DT>();
   RowPair<DS, DT> rows;
-  rows.s = static_cast<const storage_t<DS>*>(args.student.data) + row_start(args.student, row);
-  rows.t = static_cast<const storage_t<DT>*>(args.teacher.data) + row_start(args.teacher, row);
-  rows.stride_s = args.student.stride_col;
-  rows.stride_t = args.teacher.stride_col;
-  rows.n_cols = args.n_cols;
+  rows.s = static_cast<const storage_t<DS>*>(student.data) + row_start(student, row);
+  rows.t = static_cast<const storage_t<DT>*>(teacher.data) + row_start(teacher, row);
+  rows.stride_s = student.stride_col;
+  rows.stride_t = teacher.stride_col;
+  rows.n_cols = n_cols;
   rows.vectorised = rows.stride_s == 1 && rows.stride_t == 1 && is_aligned<storage_t<DS>, VEC>(rows.s) &&
                     is_aligned<storage_t<DT>, VEC>(rows.t);
   return rows;
@@ -78,16 +84,38 @@ __device__ RowPair<DS, DT> row_pair(const KdRowsArgs& args, int64_t row) {
 template <DType DS, DType DT, class F>
 __device__ __forceinline__ void for_each_pack(const RowPair<DS, DT>& rows, float scale, F&& f) {
   constexpr int VEC = vec_width<DS, DT>();
+  using PackS = Pack<storage_t<DS>, VEC>;
+  using PackT = Pack<storage_t<DT>, VEC>;
   float s[VEC];
   float t[VEC];
   if (rows.vectorised) {
-    const int64_t n_packs = rows.n_cols / VEC;
-    for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) {
-      load_pack<DS, VEC>(rows.s, p * VEC, scale, s);
-      load_pack<DT, VEC>(rows.t, p * VEC, scale, t);
-      f(s, t, p * VEC, int64_t{1}, VEC);
+    // Column offsets within a row fit int32 (row_launch checks V ≤ 2^30): fewer 64-bit registers.
+    const int n_packs = static_cast<int>(rows.n_cols / VEC);
+    const int stride = blockDim.x;
+    const PackS* s_packs = reinterpret_cast<const PackS*>(rows.s);
+    const PackT* t_packs = reinterpret_cast<const PackT*>(rows.t);
+    int p = threadIdx.x;
+    for (; p + (kUnroll - 1) * stride < n_packs; p += kUnroll * stride) {
+      PackS raw_s[kUnroll];
+      PackT raw_t[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // every load of the step before any use
+        raw_s[u] = s_packs[p + u * stride];
+        raw_t[u] = t_packs[p + u * stride];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        unpack_scaled<DS, VEC>(raw_s[u], scale, s);
+        unpack_scaled<DT, VEC>(raw_t[u], scale, t);
+        f(s, t, int64_t{p + u * stride} * VEC, int64_t{1}, VEC);
+      }
     }
-    const int64_t col = n_packs * VEC + threadIdx.x;  // fewer than VEC columns remain
+    for (; p < n_packs; p += stride) {  // fewer than kUnroll packs left for this thread
+      unpack_scaled<DS, VEC>(s_packs[p], scale, s);
+      unpack_scaled<DT, VEC>(t_packs[p], scale, t);
+      f(s, t, int64_t{p} * VEC, int64_t{1}, VEC);
+    }
+    const int64_t col = int64_t{n_packs} * VEC + threadIdx.x;  // fewer than VEC columns remain
     if (col < rows.n_cols) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) s[j] = t[j] = -INFINITY;
@@ -113,49 +141,6 @@ __device__ __forceinline__ void for_each_pack(const RowPair<DS, DT>& rows, float
   }
 }
 
-// Warp shuffle of a struct of 32-bit words.
-template <class T>
-__device__ __forceinline__ T shuffle_down(const T& value, int offset) {
-  static_assert(sizeof(T) % 4 == 0, "shuffle_down needs 32-bit words");
-  T out;
-  const unsigned* src = reinterpret_cast<const unsigned*>(&value);
-  unsigned* dst = reinterpret_cast<unsigned*>(&out);
-#pragma unroll
-  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) dst[i] = __shfl_down_sync(0xffffffffu, src[i], offset);
-  return out;
-}
-
-// Merges every thread's value into thread 0's (blockDim.x a multiple of 32). `identity` changes
-// nothing when merged. Ends with a barrier, so the block may call it again.
-template <class T, class Merge>
-__device__ T block_reduce(T value, const T& identity, Merge merge) {
-  __shared__ alignas(16) unsigned char raw[kMaxThreads / kWarp * sizeof(T)];  // no constructor: raw bytes
-  T* partial = reinterpret_cast<T*>(raw);
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) merge(value, shuffle_down(value, offset));
-  if (lane == 0) partial[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < static_cast<int>(blockDim.x / kWarp) ? partial[lane] : identity;
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) merge(value, shuffle_down(value, offset));
-  }
-  __syncthreads();
-  return value;
-}
-
-struct FloatPair {
-  float first;
-  float second;
-};
-
-__device__ __forceinline__ void add_pair(FloatPair& into, const FloatPair& other) {
-  into.first += other.first;
-  into.second += other.second;
-}
-
 __device__ __forceinline__ bool row_is_active(const KdRowsArgs& args, int64_t row) {
   return args.labels == nullptr || args.labels[row] != args.ignore_index;
 }
@@ -178,7 +163,7 @@ __device__ void write_row_outputs(float* loss, float* stats, int64_t row, float 
 
 // forward_kl (REVERSE = false: the teacher weights the sum) or reverse_kl, one pass.
 template <DType DS, DType DT, bool REVERSE>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, cuda::kResidentBlocks)
     kl_forward_kernel(KdRowsArgs args, float* __restrict__ loss, float* __restrict__ stats) {
   constexpr int VEC = vec_width<DS, DT>();
   const int64_t row = blockIdx.x;
@@ -187,7 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   ShiftedKlStateT<float> state;
-  for_each_pack(row_pair<DS, DT>(args, row), args.params.inv_temperature,
+  for_each_pack(row_pair<DS, DT>(args.student, args.teacher, args.n_cols, row), args.divergence.inv_temperature,
                 [&](const float (&s)[VEC], const float (&t)[VEC], int64_t, int64_t, int) {
                   const float* a = REVERSE ? s : t;
                   const float* b = REVERSE ? t : s;
@@ -229,7 +214,7 @@ struct LsePair {
 
 // jsd, skew_forward_kl, skew_reverse_kl, tvd: normalisers first, then the terms needing p and q.
 template <DType DS, DType DT, int DIV>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, min_resident_blocks(DIV))
     two_pass_forward_kernel(KdRowsArgs args, float* __restrict__ loss, float* __restrict__ stats) {
   constexpr int VEC = vec_width<DS, DT>();
   const int64_t row = blockIdx.x;
@@ -237,8 +222,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (threadIdx.x == 0) write_row_outputs(loss, stats, row, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
     return;
   }
-  const RowPair<DS, DT> rows = row_pair<DS, DT>(args, row);
-  const DivergenceParams k = args.params;
+  const RowPair<DS, DT> rows = row_pair<DS, DT>(args.student, args.teacher, args.n_cols, row);
+  const DivergenceParams k = args.divergence;
   LsePair lse;
   for_each_pack(rows, k.inv_temperature, [&](const float (&s)[VEC], const float (&t)[VEC], int64_t, int64_t, int) {
     float m_s = lse.s.m, m_t = lse.t.m;
@@ -303,7 +288,7 @@ __device__ __forceinline__ void store_share(storage_t<D>* __restrict__ row, cons
 }
 
 template <DType DS, DType DT, int DIV>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, min_resident_blocks(DIV))
     backward_kernel(KdRowsArgs args, const float* __restrict__ grad_loss, const float* __restrict__ stats,
                     storage_t<DS>* __restrict__ grad) {
   constexpr int VEC = vec_width<DS, DT>();
@@ -313,14 +298,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int64_t col = threadIdx.x; col < args.n_cols; col += blockDim.x) g_row[col] = Element<DS>::from_float(0.0f);
     return;
   }
-  const DivergenceParams k = args.params;
+  const DivergenceParams k = args.divergence;
   const float* row_stats = stats + row * kNumStats;
   const float m_s = row_stats[kMaxS], log_sum_s = row_stats[kLogSumS];
   const float m_t = row_stats[kMaxT], log_sum_t = row_stats[kLogSumT];
   const float aux = row_stats[kAux];
   // ∂L/∂student = ∂L/∂s / T, times the upstream gradient of this row's loss.
   const float scale = grad_loss[row] * k.inv_temperature;
-  for_each_pack(row_pair<DS, DT>(args, row), k.inv_temperature,
+  for_each_pack(row_pair<DS, DT>(args.student, args.teacher, args.n_cols, row), k.inv_temperature,
                 [&](const float (&s)[VEC], const float (&t)[VEC], int64_t col, int64_t step, int count) {
                   float g[VEC];
 #pragma unroll
@@ -333,14 +318,15 @@ __global__ void __launch_bounds__(kMaxThreads)
                 });
 }
 
-// kl_div_rows: the student view holds the input, the teacher view the target.
+// kl_div_rows. Grid: one block per row. input, target: (N, V) or (B, T, V) strided (RowsView);
+// out: (N,) fp32; grad: (N, V) contiguous, input dtype.
 template <DType DI, DType DT>
-__global__ void __launch_bounds__(kMaxThreads)
-    kl_div_forward_kernel(KdRowsArgs args, bool log_target, float* __restrict__ out) {
+__global__ void __launch_bounds__(kMaxThreads, cuda::kResidentBlocks) kl_div_forward_kernel(KlDivRowsArgs args, float* __restrict__ out) {
   constexpr int VEC = vec_width<DI, DT>();
   const int64_t row = blockIdx.x;
+  const bool log_target = args.log_target;
   FloatPair total{0.0f, 0.0f};
-  for_each_pack(row_pair<DI, DT>(args, row), 1.0f,
+  for_each_pack(row_pair<DI, DT>(args.input, args.target, args.n_cols, row), 1.0f,
                 [&](const float (&x)[VEC], const float (&y)[VEC], int64_t, int64_t, int count) {
 #pragma unroll
                   for (int j = 0; j < VEC; ++j) {
@@ -352,14 +338,14 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 template <DType DI, DType DT>
-__global__ void __launch_bounds__(kMaxThreads)
-    kl_div_backward_kernel(KdRowsArgs args, bool log_target, const float* __restrict__ grad_rows,
-                           storage_t<DI>* __restrict__ grad) {
+__global__ void __launch_bounds__(kMaxThreads, cuda::kResidentBlocks)
+    kl_div_backward_kernel(KlDivRowsArgs args, const float* __restrict__ grad_rows, storage_t<DI>* __restrict__ grad) {
   constexpr int VEC = vec_width<DI, DT>();
   const int64_t row = blockIdx.x;
+  const bool log_target = args.log_target;
   const float scale = -grad_rows[row];
   storage_t<DI>* g_row = grad + row * args.n_cols;
-  for_each_pack(row_pair<DI, DT>(args, row), 1.0f,
+  for_each_pack(row_pair<DI, DT>(args.input, args.target, args.n_cols, row), 1.0f,
                 [&](const float (&)[VEC], const float (&y)[VEC], int64_t col, int64_t step, int count) {
                   float g[VEC];
 #pragma unroll
@@ -372,33 +358,23 @@ __global__ void __launch_bounds__(kMaxThreads)
 // Launchers.
 // ------------------------------------------------------------------------------------------
 
-struct Launch {
-  dim3 grid;
-  dim3 block;
-  cudaStream_t stream;
-};
-
-// Threads per row: about four packs per thread per row, 64 to 512, a multiple of the warp size.
-Launch launch_config(const KdRowsArgs& args, uintptr_t stream) {
-  if (args.n_rows > 0x7FFFFFFF) throw_invalid("n_rows", " exceeds the CUDA grid limit (2^31 - 1 rows)");
-  const int64_t packs = (args.n_cols + 7) / 8;
-  int threads = 64;
-  while (threads < kMaxThreads && threads * 4 < packs) threads *= 2;
-  return {dim3(static_cast<unsigned>(args.n_rows)), dim3(threads), reinterpret_cast<cudaStream_t>(stream)};
+cuda::RowLaunch launch_shape(int64_t n_rows, int64_t n_cols, const RowsView& a, const RowsView& b,
+                             uintptr_t stream) {
+  return cuda::row_launch(n_rows, n_cols, cuda::pack_width(a.dtype, b.dtype), kUnroll, stream);
 }
-
-void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
 }  // namespace
 
 void kd_rows_forward_cuda(const KdRowsArgs& args, float* loss, float* stats, int device, uintptr_t stream) {
-  check_kd_rows_args(args, true);
+  check_kd_rows_args(args);
   if (args.n_rows == 0) return;
-  const Launch cfg = launch_config(args, stream);
+  check_not_null(loss, "loss");
+  check_not_null(stats, "stats");
+  const cuda::RowLaunch cfg = launch_shape(args.n_rows, args.n_cols, args.student, args.teacher, stream);
   DeviceGuard guard(device);
   dispatch_dtype(args.student.dtype, [&](auto s_tag) {
     dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
-      dispatch_divergence(args.divergence, [&](auto div_tag) {
+      dispatch_divergence(args.divergence.code, [&](auto div_tag) {
         constexpr DType DS = decltype(s_tag)::value;
         constexpr DType DT = decltype(t_tag)::value;
         constexpr int DIV = decltype(div_tag)::value;
@@ -410,18 +386,21 @@ void kd_rows_forward_cuda(const KdRowsArgs& args, float* loss, float* stats, int
       });
     });
   });
-  check_launch("the kd_rows forward kernel launch");
+  cuda::check_launch("the kd_rows forward kernel launch");
 }
 
 void kd_rows_backward_cuda(const KdRowsArgs& args, const float* grad_loss, const float* stats, void* grad,
                            int device, uintptr_t stream) {
-  check_kd_rows_args(args, true);
+  check_kd_rows_args(args);
   if (args.n_rows == 0) return;
-  const Launch cfg = launch_config(args, stream);
+  check_not_null(grad_loss, "grad_loss");
+  check_not_null(stats, "stats");
+  check_not_null(grad, "grad");
+  const cuda::RowLaunch cfg = launch_shape(args.n_rows, args.n_cols, args.student, args.teacher, stream);
   DeviceGuard guard(device);
   dispatch_dtype(args.student.dtype, [&](auto s_tag) {
     dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
-      dispatch_divergence(args.divergence, [&](auto div_tag) {
+      dispatch_divergence(args.divergence.code, [&](auto div_tag) {
         constexpr DType DS = decltype(s_tag)::value;
         constexpr DType DT = decltype(t_tag)::value;
         constexpr int DIV = decltype(div_tag)::value;
@@ -430,39 +409,42 @@ void kd_rows_backward_cuda(const KdRowsArgs& args, const float* grad_loss, const
       });
     });
   });
-  check_launch("the kd_rows backward kernel launch");
+  cuda::check_launch("the kd_rows backward kernel launch");
 }
 
-void kl_div_rows_forward_cuda(const KdRowsArgs& args, bool log_target, float* out, int device, uintptr_t stream) {
-  check_kd_rows_args(args, false);
+void kl_div_rows_forward_cuda(const KlDivRowsArgs& args, float* out, int device, uintptr_t stream) {
+  check_kl_div_rows_args(args);
   if (args.n_rows == 0) return;
-  const Launch cfg = launch_config(args, stream);
+  check_not_null(out, "out");
+  const cuda::RowLaunch cfg = launch_shape(args.n_rows, args.n_cols, args.input, args.target, stream);
   DeviceGuard guard(device);
-  dispatch_dtype(args.student.dtype, [&](auto i_tag) {
-    dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
+  dispatch_dtype(args.input.dtype, [&](auto i_tag) {
+    dispatch_dtype(args.target.dtype, [&](auto t_tag) {
       constexpr DType DI = decltype(i_tag)::value;
       constexpr DType DT = decltype(t_tag)::value;
-      kl_div_forward_kernel<DI, DT><<<cfg.grid, cfg.block, 0, cfg.stream>>>(args, log_target, out);
+      kl_div_forward_kernel<DI, DT><<<cfg.grid, cfg.block, 0, cfg.stream>>>(args, out);
     });
   });
-  check_launch("the kl_div_rows forward kernel launch");
+  cuda::check_launch("the kl_div_rows forward kernel launch");
 }
 
-void kl_div_rows_backward_cuda(const KdRowsArgs& args, bool log_target, const float* grad_rows, void* grad,
-                               int device, uintptr_t stream) {
-  check_kd_rows_args(args, false);
+void kl_div_rows_backward_cuda(const KlDivRowsArgs& args, const float* grad_rows, void* grad, int device,
+                               uintptr_t stream) {
+  check_kl_div_rows_args(args);
   if (args.n_rows == 0) return;
-  const Launch cfg = launch_config(args, stream);
+  check_not_null(grad_rows, "grad_rows");
+  check_not_null(grad, "grad");
+  const cuda::RowLaunch cfg = launch_shape(args.n_rows, args.n_cols, args.input, args.target, stream);
   DeviceGuard guard(device);
-  dispatch_dtype(args.student.dtype, [&](auto i_tag) {
-    dispatch_dtype(args.teacher.dtype, [&](auto t_tag) {
+  dispatch_dtype(args.input.dtype, [&](auto i_tag) {
+    dispatch_dtype(args.target.dtype, [&](auto t_tag) {
       constexpr DType DI = decltype(i_tag)::value;
       constexpr DType DT = decltype(t_tag)::value;
       kl_div_backward_kernel<DI, DT><<<cfg.grid, cfg.block, 0, cfg.stream>>>(
-          args, log_target, grad_rows, static_cast<storage_t<DI>*>(grad));
+          args, grad_rows, static_cast<storage_t<DI>*>(grad));
     });
   });
-  check_launch("the kl_div_rows backward kernel launch");
+  cuda::check_launch("the kl_div_rows backward kernel launch");
 }
 
 }  // namespace fastkd

@@ -9,7 +9,7 @@
 #include <cstring>
 #include <limits>
 
-#include "fastkd/host_device.h"
+#include "fastkd/common/host_device.h"
 
 namespace fastkd {
 
