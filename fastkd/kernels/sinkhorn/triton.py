@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_device import on_tensor_device
 from .contract import allocate_outputs
 
 # Running maxima start finite: exp(m_old − m_new) of two -inf would be NaN on empty prefixes.
@@ -636,6 +637,7 @@ def _stream_config(n, m):
     return block_n, block_m, max(1, min(8, block_n * block_m // 512))
 
 
+@on_tensor_device
 def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     """cost: (n, m) shared or (B, n, m), fp32|fp16|bf16; a: (B, n), b: (B, m) fp32 (stride-0 views
     allowed). Returns SinkhornOutputs (contract.py), in fp32."""
@@ -683,6 +685,7 @@ def _cost_grad(cost, a, b, f, g, coef_p, coef_c, coef_fg, eps, history):
     return grad_cost
 
 
+@on_tensor_device
 def sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f_hist, g_hist, eps, mode,
                       needs_cost, needs_a, needs_b):
     """As sinkhorn/torch.py's sinkhorn_backward; fp32 results."""
