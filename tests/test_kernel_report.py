@@ -85,3 +85,13 @@ ptxas info    : Used 40 registers, used 0 barriers"""
     assert triton_build.ptxas_resources(entries["_Z1av"]) == {
         "registers": 255, "stack": 8, "spill_stores": 12, "spill_loads": 4, "static_smem": 2048}
     assert triton_build.ptxas_resources(entries["_Z1bv"])["spill_stores"] == 0
+
+
+def test_only_named_sinkhorn_spills_are_tolerated():
+    from kreport import gate
+
+    assert gate._tolerated(gate._triton_name("sinkhorn_tile_forward_kernel", "BLOCK_N=128 BLOCK_M=128", 90))
+    assert not gate._tolerated(gate._triton_name("sinkhorn_tile_forward_kernel", "BLOCK_N=64 BLOCK_M=64", 90))
+    assert gate._tolerated("sinkhorn_forward_kernel<bf16, true> sm_80")
+    assert not gate._tolerated("sinkhorn_forward_kernel<bf16, true> sm_90")
+    assert not gate._tolerated("kd_backward_kernel 128x128 sm_90")  # never a logits kernel

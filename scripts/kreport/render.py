@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from collections import defaultdict
 
-from . import gpus, metrics, sass
+from . import gpus, metrics, sass, triton_cases
 
 FAMILY_ORDER = ("kd_rows", "kl_div", "ce", "sinkhorn")
 TARGET_CASE = dict(dtype="bfloat16", size="V=128256", arch=90)
@@ -22,7 +22,7 @@ def demangle(names):
     plain = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
     short = []
     for name in plain:
-        name = re.sub(r"\(anonymous namespace\)::|fastkd::", "", name)
+        name = re.sub(r"^void |\(anonymous namespace\)::|fastkd::", "", name)
         name = re.sub(r"\(DType\)(\d)", lambda m: _DTYPES.get(m.group(1), m.group(0)), name)
         short.append(name.split("(")[0] if "(" in name else name)
     return short
@@ -42,6 +42,9 @@ def method(toolchain):
         f"{g.mufu_warp_instructions_per_s / 1e12:.3f} | {g.bandwidth_tb_s:.2f} ({g.bandwidth_source}) | "
         f"{g.smem_per_sm // 1024} / {g.smem_per_block // 1024} | {g.bytes_in_flight_needed_per_sm / 1024:.1f} |"
         for g in gpus.GPUS.values())
+    c = triton_cases
+    cases = dict(vocabs=", ".join(map(str, c.VOCABS)), rows=c.ROWS, batch=c.BATCH, sequence=c.SEQUENCE,
+                 sizes="{" + ", ".join(map(str, c.SINKHORN_SIZES)) + "}", problems=c.SINKHORN_PROBLEMS)
     return f"""## How the numbers are made
 
 Every Triton kernel is compiled for each target with `triton.compile` at exactly the
@@ -51,6 +54,13 @@ and Triton's own argument binder turns the recorded arguments into the compile's
 constexprs and attributes (16-byte pointer alignment, integers divisible by 16, integers equal to 1).
 Every `__global__` function of csrc/ is compiled with nvcc (`-cubin -arch=sm_NN -Xptxas -v`, the
 flags of setup.py). The machine code is read with nvdisasm. Toolchain: {toolchain}.
+
+Cases (scripts/kreport/triton_cases.py): the logits families at V = {cases['vocabs']}, fp32 and bf16, as
+contiguous rows (N = {cases['rows']}, no labels) and as the shifted view `logits[:, :-1]` of ({cases['batch']}, {cases['sequence']}, V)
+with labels; V = 32000 and 128256 are both multiples of 16 and share one specialisation (their
+rows are merged). Sinkhorn at n = m ∈ {cases['sizes']}, B = {cases['problems']} problems, a shared (n, m) or a
+batched (B, n, m) fp32 cost, with every gradient mode (none, envelope, unrolled with and without
+the cost gradient) and the plan returned or not.
 
 Per kernel:
 - **regs, spill, smem**: ptxas' report (`-v`): registers per thread, spill stores + loads in
