@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from kreport import cuda_build, gpus, metrics, sass, triton_build  # noqa: E402
+from kreport import gpus, metrics, sass  # noqa: E402
 
 # A loop (0x0020 → 0x0090) whose body skips a rare rescale (0x0050–0x0060) by a forward branch, a
 # 16-byte load and a 2-byte store, then a store-only loop (0x00c0 → 0x00d0): not a streaming loop.
@@ -74,6 +74,9 @@ def test_issue_ceiling_of_the_v1_forward_kl_loop():
 
 
 def test_ptxas_reports_are_read_per_function():
+    # The report is pinned to the Triton of the CPU machines (Makefile); a GPU machine's may differ.
+    cuda_build = pytest.importorskip("kreport.cuda_build")
+    triton_build = pytest.importorskip("kreport.triton_build")
     log = """ptxas info    : Compiling entry function '_Z1av' for 'sm_90'
 ptxas info    : Function properties for _Z1av
     8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
