@@ -7,14 +7,16 @@ PY := $(VENV)/bin/python
 # Machines with an NVIDIA driver get PyTorch's CUDA build; others its small CPU build.
 HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
+# Pinned where no GPU is: docs/kernel-report.md records this Triton's compiler output, and CI checks it.
+TRITON_SPEC ?= $(if $(HAS_NVIDIA),triton,triton==3.9.0)
 PYTEST_ARGS ?=
 
-.PHONY: test bench smoke cuda-build-check clean
+.PHONY: test bench smoke cuda-build-check kernel-report kernel-report-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py requirements-peers.txt $(wildcard csrc/*.cpp csrc/*.cu csrc/*/*.cpp \
 		csrc/*/*.cu csrc/bindings/*.h csrc/include/fastkd/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" triton numpy pytest hypothesis pytest-benchmark matplotlib pot \
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy pytest hypothesis pytest-benchmark matplotlib pot \
 		pybind11 ninja setuptools wheel
 	# The peers the drop-ins are compared with, without their dependencies and with torch held.
 	$(PY) -m pip freeze | grep -E '^(torch|triton)==' > $(VENV)/torch-pin.txt
@@ -35,6 +37,16 @@ smoke: $(VENV)/.installed
 # temporary folder and checks the module; needs nvcc, not a GPU. CI runs it.
 cuda-build-check: $(VENV)/.installed
 	scripts/cuda_build_check.sh $(PY)
+
+# docs/kernel-report.md: every GPU kernel compiled for sm_90 and sm_80 without a GPU (Triton's compiler,
+# nvcc), with registers, spills, 16-byte loads, occupancy and static issue ceilings. Results are cached
+# by content (~/.cache/fastkd/kernel-report): a rerun compiles only what changed.
+kernel-report: $(VENV)/.installed
+	$(PY) scripts/kernel_report.py
+
+# CI: the committed report is current (its inputs digest is this tree's) and its gate passes; compiles nothing.
+kernel-report-check: $(VENV)/.installed
+	$(PY) scripts/kernel_report.py --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastkd/_C*.so

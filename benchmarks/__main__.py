@@ -11,7 +11,11 @@ from . import config, fused_linear, report, runner, sinkhorn
 
 def _parse(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, every divergence: a quick end-to-end check")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--smoke", action="store_true", help="tiny sizes, every divergence: a quick end-to-end check")
+    sizes.add_argument("--quick", action="store_true",
+                       help="the GPU target sizes only: kd_loss forward_kl and jsd at N=8192, V=128256 bf16, the fused "
+                       "linear loss at N=8192, H=4096, V=128256, the Sinkhorn WKD case (B=256, C=1000)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/, "
                         "smoke-<device>/ with --smoke, custom-<device>/ when sizes are overridden)")
     parser.add_argument("--divergences", nargs="+", metavar="NAME", help="only these divergences")
@@ -29,7 +33,8 @@ def _parse(argv=None):
 def main(argv=None):
     args = _parse(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    suite = config.SUITES[config.default_suite_name(device, args.smoke)]
+    suite_name = config.default_suite_name(device, args.smoke, args.quick)
+    suite = config.SUITES[suite_name]
     custom = bool(args.divergences or args.shape or args.dtype)
     suite = config.override(suite, args.divergences, args.shape, args.dtype)
 
@@ -39,17 +44,16 @@ def main(argv=None):
         notes.append("compile: not run (" + ("--compile off" if args.compile == "off" else
                      "on this CPU compiling each divergence costs more than the run; --compile on forces it") + ")")
 
-    prefix = "smoke-" if args.smoke else "custom-" if custom else ""
+    prefix = "smoke-" if args.smoke else "quick-" if args.quick else "custom-" if custom else ""
     out_dir = args.out or report.RESULTS_DIR / (prefix + report.device_slug(device))
     failed = False
     if args.op in ("all", "kd_loss"):
         results = runner.run(suite, device, out_dir, with_compile, notes)
         failed |= runner.has_mismatch(results)
-    suite_name = config.default_suite_name(device, args.smoke)
     if args.op == "fused_linear" or (args.op == "all" and not custom):
         failed |= fused_linear.has_mismatch(fused_linear.run(suite_name, device, out_dir))
     if args.op == "sinkhorn" or (args.op == "all" and not custom):
-        sinkhorn_results = sinkhorn.run(config.default_suite_name(device, args.smoke), device, out_dir)
+        sinkhorn_results = sinkhorn.run(suite_name, device, out_dir)
         failed |= sinkhorn.has_mismatch(sinkhorn_results)
     # A wrong answer fails the run (CI runs --smoke); a provider that cannot run here is a note.
     return 1 if failed else 0

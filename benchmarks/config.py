@@ -59,12 +59,17 @@ SUITES = {
                  gpu_rep_ms=200),
     # Every divergence at a tiny size: an end-to-end check of the machinery, not a measurement.
     "smoke": Suite("smoke", _cases(DIVERGENCES, "fp32", 64, 1000), cpu_warmup=3, cpu_repeats=15, gpu_rep_ms=50),
+    # The gpu suite's target size for one KL and one mixture divergence: a GPU session short on time.
+    "quick": Suite("quick", _cases(("forward_kl", "jsd"), "bf16", 8192, 128256), cpu_warmup=1, cpu_repeats=3,
+                   gpu_rep_ms=300),
 }
 
 
-def default_suite_name(device, smoke=False):
+def default_suite_name(device, smoke=False, quick=False):
     if smoke:
         return "smoke"
+    if quick:
+        return "quick"
     return "gpu" if device.type == "cuda" else "cpu"
 
 

@@ -53,8 +53,10 @@ SUITES = {
     "gpu": (FusedCase(1024, 4096, 4096, 128256, "bf16"), FusedCase(8192, 4096, 4096, 128256, "bf16")),
     "cpu": (FusedCase(1024, 256, 256, 32000, "fp32"),),
     "smoke": (FusedCase(64, 32, 48, 1000, "fp32"),),
+    "quick": (FusedCase(8192, 4096, 4096, 128256, "bf16"),),
 }
-REPEATS = {"gpu": (2, 10, 300), "cpu": (1, 3, 200), "smoke": (1, 3, 50)}  # cpu warm-up, cpu repeats, gpu ms
+REPEATS = {"gpu": (2, 10, 300), "cpu": (1, 3, 200), "smoke": (1, 3, 50),  # cpu warm-up, cpu repeats, gpu ms
+           "quick": (1, 3, 200)}
 
 
 @dataclass(frozen=True)

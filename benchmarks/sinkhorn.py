@@ -48,8 +48,10 @@ SUITES = {
             SinkhornCase("batch", 1024, 64, 64, 0.05, 50, "fwd")),
     "smoke": (SinkhornCase("wkd", 16, 100, 100, 0.05, 10, "fwd+bwd"),
               SinkhornCase("batch", 64, 16, 16, 0.05, 50, "fwd")),
+    "quick": (SinkhornCase("wkd", 256, 1000, 1000, 0.05, 10, "fwd+bwd"),),
 }
-REPEATS = {"gpu": (2, 10, 200), "cpu": (1, 3, 200), "smoke": (1, 3, 50)}  # cpu warm-up, cpu repeats, gpu ms
+REPEATS = {"gpu": (2, 10, 200), "cpu": (1, 3, 200), "smoke": (1, 3, 50),  # cpu warm-up, cpu repeats, gpu ms
+           "quick": (1, 3, 200)}
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """Triton kernels of the kd_rows family (divergences from logits), with their launchers.
 
-One program per row streams the vocabulary in BLOCK_V chunks:
-  * forward_kl / reverse_kl: one pass (online max/sum-exp of both distributions plus a shifted
+One program per row streams the vocabulary in BLOCK_V-column tiles (triton_rows.py: per-thread
+running state, no reduction inside the loop; full tiles load without a mask, the last partial
+tile with one):
+  * forward_kl / reverse_kl: one pass (running max and sum-exp of both distributions plus a shifted
     accumulator of Σ p·(log p − log q)), saving only five fp32 statistics per row;
-  * jsd / skew_*_kl / tvd: two passes (log-sum-exp first, then the terms that need p and q);
+  * jsd / skew_*_kl / tvd: two passes (log-sum-exps first, then the terms that need p and q);
   * backward: one pass that recomputes p and q and writes ∂L/∂student in the student's dtype.
-Row offsets are int64, so N·V ≥ 2³¹ elements is addressed correctly. Nothing (N, V) is allocated
-besides the gradient itself. The math mirrors fastkd/divergences.py.
+Exponentials and logarithms are base 2 on the special-function unit (triton_math.py); the
+statistics stay in natural units (contract.STATS_COLUMNS). Row offsets are int64, so N·V ≥ 2³¹
+elements is addressed correctly. Nothing (N, V) is allocated besides the gradient itself. The
+math mirrors fastkd/divergences.py.
 """
 
 import torch
@@ -14,7 +18,9 @@ import triton
 import triton.language as tl
 
 from ..layout import row_layout, row_shape
-from ..triton_rows import launch_config, row_offset
+from ..triton_device import on_tensor_device
+from ..triton_math import FLT_MIN, LN2, LOG2_FLOOR, LOG2E, fast_log2
+from ..triton_rows import block_columns, launch_config, load_scaled, lse_merge, lse_step, row_offset, vector_width
 from . import contract
 
 # Kernel codes of the divergences (constexpr: each divergence compiles its own kernel).
@@ -38,37 +44,30 @@ def _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
-def _load_scaled(row_ptr, cols, stride_col, mask, inv_temperature):
-    x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=float("-inf"))
-    return x.to(tl.float32) * inv_temperature
+def _log2_probs(x, row_max, log_sum):
+    # log2 of the softmax of scaled logits x, from the row's natural-unit statistics: (x − max) −
+    # log_sum first (exact near the max, even for ±1e4 logits), then to base 2.
+    return ((x - row_max) - log_sum) * LOG2E
 
 
 @triton.jit
-def _online_lse(m, z, x):
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    z_new = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-    return m_new, z_new
+def _floored(log2_prob):
+    # For the mixture divergences, whose log-ratios log p − log M and log q − log M are bounded:
+    # −inf (masked) becomes LOG2_FLOOR, so p·(log p − log M) is 0 at p = 0 without a select.
+    return tl.maximum(log2_prob, LOG2_FLOOR)
 
 
 @triton.jit
-def _log_add_exp(x, y):
-    top = tl.maximum(x, y)
-    safe = tl.where(top == float("-inf"), 0.0, top)
-    return safe + tl.log(tl.exp(x - safe) + tl.exp(y - safe))
-
-
-@triton.jit
-def _mixture_log(lp, lq, log_param, log1m_param, DIVERGENCE: tl.constexpr):
-    if DIVERGENCE == SKEW_REVERSE_KL:  # M = a·q + (1−a)·p
-        return _log_add_exp(lq + log_param, lp + log1m_param)
-    else:  # jsd and skew_forward_kl: M = param·p + (1−param)·q
-        return _log_add_exp(lp + log_param, lq + log1m_param)
-
-
-@triton.jit
-def _q_p_over_m(lq, lp, lm):
-    both = (lq > float("-inf")) & (lp > float("-inf"))
-    return tl.where(both, tl.exp(lq + lp - lm), 0.0)
+def _mixture_log2(lp, lq, p, q, param, DIVERGENCE: tl.constexpr):
+    # log2 M, M = param·p + (1−param)·q (jsd, skew_forward_kl) or param·q + (1−param)·p
+    # (skew_reverse_kl), from the linear mixture: one multiply-add and one MUFU.LG2 instead of a
+    # log-add-exp (two exponentials and a logarithm). M below FLT_MIN counts as FLT_MIN: only
+    # elements whose own p and q are below it (and add nothing) see the difference.
+    if DIVERGENCE == SKEW_REVERSE_KL:
+        mixture = param * q + (1.0 - param) * p
+    else:
+        mixture = param * p + (1.0 - param) * q
+    return fast_log2(tl.maximum(mixture, FLT_MIN))
 
 
 @triton.jit
@@ -89,6 +88,37 @@ def _sign(x):
 
 
 @triton.jit
+def _kl_tile(m_a, z_a, m_b, z_b, acc, s_row, t_row, start, n_live, stride_s_col, stride_t_col, inv_temperature,
+             REVERSE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    # One tile into the per-tile-row state of KL(a ‖ b), a the distribution that weights the sum
+    # (teacher for KL(p‖q), student for KL(q‖p)). In base 2: acc = Σ w·(da − db), w = 2^da,
+    # da = (a − m_a)·log2 e; when the maxima move, earlier terms shift by (Δa − Δb) and rescale by 2^Δa.
+    cols = block_columns(start, BLOCK_V, VEC)
+    s = load_scaled(s_row, cols, stride_s_col, n_live, inv_temperature, MASKED)
+    t = load_scaled(t_row, cols, stride_t_col, n_live, inv_temperature, MASKED)
+    if REVERSE:
+        a = s
+        b = t
+    else:
+        a = t
+        b = s
+    m_a_new = tl.maximum(m_a, tl.max(a, axis=1))
+    m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
+    shift_a = (m_a - m_a_new) * LOG2E
+    shift_b = (m_b - m_b_new) * LOG2E
+    rescale = tl.exp2(shift_a)
+    da = (a - m_a_new[:, None]) * LOG2E
+    db = (b - m_b_new[:, None]) * LOG2E
+    w = tl.exp2(da)
+    # w > 0: a masked a (−inf) adds nothing, even where b is masked too (no 0·inf).
+    terms = tl.sum(tl.where(w > 0, w * (da - db), 0.0), axis=1)
+    acc = rescale * (acc + (shift_a - shift_b) * z_a) + terms
+    z_a = z_a * rescale + tl.sum(w, axis=1)
+    z_b = z_b * tl.exp2(shift_b) + tl.sum(tl.exp2(db), axis=1)
+    return m_a_new, z_a, m_b_new, z_b, acc
+
+
+@triton.jit
 def kd_single_pass_forward_kernel(
     student_ptr,  # (N, V) fp32|fp16|bf16
     teacher_ptr,  # (N, V) fp32|fp16|bf16
@@ -97,7 +127,7 @@ def kd_single_pass_forward_kernel(
     stats_ptr,  # (N, 5) fp32: max_s, log_sum_s, max_t, log_sum_t, aux
     V, inner, stride_s_outer, stride_s_inner, stride_s_col, stride_t_outer, stride_t_inner, stride_t_col,
     inv_temperature, ignore_index,
-    REVERSE: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     active = _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS)
@@ -105,43 +135,74 @@ def kd_single_pass_forward_kernel(
     s_row = student_ptr + row_offset(row, inner, stride_s_outer, stride_s_inner)
     t_row = teacher_ptr + row_offset(row, inner, stride_t_outer, stride_t_inner)
 
-    # "a" is the distribution that weights the sum (teacher for KL(p‖q), student for KL(q‖p)).
-    # acc = Σ exp(a − m_a)·((a − m_a) − (b − m_b)) stays shifted by the running maxima, so the
-    # loss acc/z_a + log z_b − log z_a never subtracts two large log-sum-exps.
-    m_a = NEG_START
-    z_a = 0.0
-    m_b = NEG_START
-    z_b = 0.0
-    acc = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_live
-        s = _load_scaled(s_row, cols, stride_s_col, mask, inv_temperature)
-        t = _load_scaled(t_row, cols, stride_t_col, mask, inv_temperature)
-        if REVERSE:
-            a = s
-            b = t
-        else:
-            a = t
-            b = s
-        m_a_new = tl.maximum(m_a, tl.max(a, axis=0))
-        m_b_new = tl.maximum(m_b, tl.max(b, axis=0))
-        rescale = tl.exp(m_a - m_a_new)
-        w = tl.exp(a - m_a_new)
-        diff = (a - m_a_new) - (b - m_b_new)
-        block_acc = tl.sum(tl.where(w > 0, w * diff, 0.0), axis=0)
-        acc = rescale * (acc + ((m_a - m_a_new) - (m_b - m_b_new)) * z_a) + block_acc
-        z_a = z_a * rescale + tl.sum(w, axis=0)
-        z_b = z_b * tl.exp(m_b - m_b_new) + tl.sum(tl.exp(b - m_b_new), axis=0)
-        m_a = m_a_new
-        m_b = m_b_new
+    m_a = tl.full([BLOCK_V // VEC], NEG_START, tl.float32)
+    z_a = tl.zeros([BLOCK_V // VEC], tl.float32)
+    m_b = tl.full([BLOCK_V // VEC], NEG_START, tl.float32)
+    z_b = tl.zeros([BLOCK_V // VEC], tl.float32)
+    acc = tl.zeros([BLOCK_V // VEC], tl.float32)
+    n_full = (n_live // BLOCK_V) * BLOCK_V
+    for start in range(0, n_full, BLOCK_V):
+        m_a, z_a, m_b, z_b, acc = _kl_tile(m_a, z_a, m_b, z_b, acc, s_row, t_row, start, n_live, stride_s_col,
+                                           stride_t_col, inv_temperature, REVERSE, False, BLOCK_V, VEC)
+    if n_full < n_live:
+        m_a, z_a, m_b, z_b, acc = _kl_tile(m_a, z_a, m_b, z_b, acc, s_row, t_row, n_full, n_live, stride_s_col,
+                                           stride_t_col, inv_temperature, REVERSE, True, BLOCK_V, VEC)
 
-    loss = acc / z_a + tl.log(z_b) - tl.log(z_a)
+    # Tile rows → the row, by the same shift-and-rescale as between tiles.
+    top_a = tl.max(m_a, axis=0)
+    top_b = tl.max(m_b, axis=0)
+    shift_a = (m_a - top_a) * LOG2E
+    shift_b = (m_b - top_b) * LOG2E
+    weight_a = tl.exp2(shift_a)
+    acc_row = tl.sum(weight_a * (acc + (shift_a - shift_b) * z_a), axis=0)
+    z_a_row = tl.sum(z_a * weight_a, axis=0)
+    z_b_row = tl.sum(z_b * tl.exp2(shift_b), axis=0)
+    log_sum_a = tl.log(z_a_row)
+    log_sum_b = tl.log(z_b_row)
+    loss = acc_row * LN2 / z_a_row + log_sum_b - log_sum_a
     tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
     if REVERSE:
-        _store_stats(stats_ptr, row, active, m_a, tl.log(z_a), m_b, tl.log(z_b), loss)
+        _store_stats(stats_ptr, row, active, top_a, log_sum_a, top_b, log_sum_b, loss)
     else:
-        _store_stats(stats_ptr, row, active, m_b, tl.log(z_b), m_a, tl.log(z_a), loss)
+        _store_stats(stats_ptr, row, active, top_b, log_sum_b, top_a, log_sum_a, 0.0)
+
+
+@triton.jit
+def _lse_tile(m_s, z_s, m_t, z_t, s_row, t_row, start, n_live, stride_s_col, stride_t_col, inv_temperature,
+              MASKED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    cols = block_columns(start, BLOCK_V, VEC)
+    m_s, z_s = lse_step(m_s, z_s, load_scaled(s_row, cols, stride_s_col, n_live, inv_temperature, MASKED))
+    m_t, z_t = lse_step(m_t, z_t, load_scaled(t_row, cols, stride_t_col, n_live, inv_temperature, MASKED))
+    return m_s, z_s, m_t, z_t
+
+
+@triton.jit
+def _mixture_tile(first, second, s_row, t_row, start, n_live, stride_s_col, stride_t_col, inv_temperature,
+                  m_s, log_sum_s, m_t, log_sum_t, param,
+                  DIVERGENCE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    # Adds one tile's two per-element sums of the second pass (which two: kd_two_pass_forward_kernel).
+    cols = block_columns(start, BLOCK_V, VEC)
+    s = load_scaled(s_row, cols, stride_s_col, n_live, inv_temperature, MASKED)
+    t = load_scaled(t_row, cols, stride_t_col, n_live, inv_temperature, MASKED)
+    lq = _floored(_log2_probs(s, m_s, log_sum_s))
+    lp = _floored(_log2_probs(t, m_t, log_sum_t))
+    q = tl.exp2(lq)
+    p = tl.exp2(lp)
+    if DIVERGENCE == TVD:
+        first_terms = 0.5 * tl.abs(p - q)
+        second_terms = 0.5 * q * _sign(q - p)
+    else:
+        lm = _mixture_log2(lp, lq, p, q, param, DIVERGENCE)
+        if DIVERGENCE == JSD:
+            first_terms = p * (lp - lm)
+            second_terms = q * (lq - lm)
+        elif DIVERGENCE == SKEW_FORWARD_KL:
+            first_terms = p * (lp - lm)
+            second_terms = tl.exp2(lq + lp - lm)  # q·p/M
+        else:  # SKEW_REVERSE_KL
+            first_terms = q * (lq - lm)
+            second_terms = tl.exp2(lq + lp - lm)
+    return first + tl.sum(first_terms, axis=1), second + tl.sum(second_terms, axis=1)
 
 
 @triton.jit
@@ -152,56 +213,95 @@ def kd_two_pass_forward_kernel(
     loss_ptr,  # (N,) fp32
     stats_ptr,  # (N, 5) fp32: max_s, log_sum_s, max_t, log_sum_t, aux
     V, inner, stride_s_outer, stride_s_inner, stride_s_col, stride_t_outer, stride_t_inner, stride_t_col,
-    inv_temperature, ignore_index, param, log_param, log1m_param,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temperature, ignore_index, param,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     active = _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS)
     n_live = tl.where(active, V, 0)  # ignored rows read nothing
     s_row = student_ptr + row_offset(row, inner, stride_s_outer, stride_s_inner)
     t_row = teacher_ptr + row_offset(row, inner, stride_t_outer, stride_t_inner)
+    n_full = (n_live // BLOCK_V) * BLOCK_V
 
-    m_s = NEG_START
-    z_s = 0.0
-    m_t = NEG_START
-    z_t = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_live
-        m_s, z_s = _online_lse(m_s, z_s, _load_scaled(s_row, cols, stride_s_col, mask, inv_temperature))
-        m_t, z_t = _online_lse(m_t, z_t, _load_scaled(t_row, cols, stride_t_col, mask, inv_temperature))
+    m_s = tl.full([BLOCK_V // VEC], NEG_START, tl.float32)
+    z_s = tl.zeros([BLOCK_V // VEC], tl.float32)
+    m_t = tl.full([BLOCK_V // VEC], NEG_START, tl.float32)
+    z_t = tl.zeros([BLOCK_V // VEC], tl.float32)
+    for start in range(0, n_full, BLOCK_V):
+        m_s, z_s, m_t, z_t = _lse_tile(m_s, z_s, m_t, z_t, s_row, t_row, start, n_live, stride_s_col, stride_t_col,
+                                       inv_temperature, False, BLOCK_V, VEC)
+    if n_full < n_live:
+        m_s, z_s, m_t, z_t = _lse_tile(m_s, z_s, m_t, z_t, s_row, t_row, n_full, n_live, stride_s_col, stride_t_col,
+                                       inv_temperature, True, BLOCK_V, VEC)
+    m_s, z_s = lse_merge(m_s, z_s)
+    m_t, z_t = lse_merge(m_t, z_t)
     log_sum_s = tl.log(z_s)
     log_sum_t = tl.log(z_t)
 
-    loss_acc = 0.0
-    aux_acc = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_live
-        lq = (_load_scaled(s_row, cols, stride_s_col, mask, inv_temperature) - m_s) - log_sum_s
-        lp = (_load_scaled(t_row, cols, stride_t_col, mask, inv_temperature) - m_t) - log_sum_t
-        q = tl.exp(lq)
-        p = tl.exp(lp)
-        if DIVERGENCE == TVD:
-            loss_terms = 0.5 * tl.abs(p - q)
-            aux_terms = 0.5 * q * _sign(q - p)
-        else:
-            lm = _mixture_log(lp, lq, log_param, log1m_param, DIVERGENCE)
-            if DIVERGENCE == JSD:
-                kl_q_m = tl.where(q > 0, q * (lq - lm), 0.0)
-                loss_terms = param * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - param) * kl_q_m
-                aux_terms = kl_q_m
-            elif DIVERGENCE == SKEW_FORWARD_KL:
-                loss_terms = tl.where(p > 0, p * (lp - lm), 0.0)
-                aux_terms = _q_p_over_m(lq, lp, lm)
-            else:  # SKEW_REVERSE_KL
-                loss_terms = tl.where(q > 0, q * (lq - lm), 0.0)
-                aux_terms = loss_terms + (1.0 - param) * _q_p_over_m(lq, lp, lm)
-        loss_acc += tl.sum(loss_terms, axis=0)
-        aux_acc += tl.sum(aux_terms, axis=0)
+    # Second pass, two sums per tile row (base 2 where a logarithm enters):
+    #   jsd: Σ p·(lp − lm), Σ q·(lq − lm); skew_forward_kl: Σ p·(lp − lm), Σ q·p/M;
+    #   skew_reverse_kl: Σ q·(lq − lm), Σ q·p/M; tvd: Σ ½|p − q|, Σ ½·q·sign(q − p).
+    first = tl.zeros([BLOCK_V // VEC], tl.float32)
+    second = tl.zeros([BLOCK_V // VEC], tl.float32)
+    for start in range(0, n_full, BLOCK_V):
+        first, second = _mixture_tile(first, second, s_row, t_row, start, n_live, stride_s_col, stride_t_col,
+                                      inv_temperature, m_s, log_sum_s, m_t, log_sum_t, param, DIVERGENCE, False,
+                                      BLOCK_V, VEC)
+    if n_full < n_live:
+        first, second = _mixture_tile(first, second, s_row, t_row, n_full, n_live, stride_s_col, stride_t_col,
+                                      inv_temperature, m_s, log_sum_s, m_t, log_sum_t, param, DIVERGENCE, True,
+                                      BLOCK_V, VEC)
+    first = tl.sum(first, axis=0)
+    second = tl.sum(second, axis=0)
+    if DIVERGENCE == TVD:
+        loss = first
+        aux = second
+    elif DIVERGENCE == JSD:
+        loss = LN2 * (param * first + (1.0 - param) * second)
+        aux = LN2 * second  # KL(q ‖ M)
+    elif DIVERGENCE == SKEW_FORWARD_KL:
+        loss = LN2 * first
+        aux = second
+    else:  # SKEW_REVERSE_KL
+        loss = LN2 * first
+        aux = loss + (1.0 - param) * second
+    tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
+    _store_stats(stats_ptr, row, active, m_s, log_sum_s, m_t, log_sum_t, aux)
 
-    tl.store(loss_ptr + row, tl.where(active, loss_acc, 0.0))
-    _store_stats(stats_ptr, row, active, m_s, log_sum_s, m_t, log_sum_t, aux_acc)
+
+@triton.jit
+def _grad_tile(g_row, s_row, t_row, start, V, stride_s_col, stride_t_col, inv_temperature,
+               m_s, log_sum_s, m_t, log_sum_t, aux, scale, param,
+               DIVERGENCE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    # ∂L/∂student of one tile, times ``scale`` (the upstream gradient over T, and (1 − param) for
+    # jsd and skew_forward_kl).
+    cols = block_columns(start, BLOCK_V, VEC)
+    lq = _log2_probs(load_scaled(s_row, cols, stride_s_col, V, inv_temperature, MASKED), m_s, log_sum_s)
+    lp = _log2_probs(load_scaled(t_row, cols, stride_t_col, V, inv_temperature, MASKED), m_t, log_sum_t)
+    q = tl.exp2(lq)
+    p = tl.exp2(lp)
+    if DIVERGENCE == FORWARD_KL:
+        g = q - p
+    elif DIVERGENCE == REVERSE_KL:
+        # log p unbounded (q may sit where p underflows): no floor, a select against 0·inf instead.
+        g = tl.where(q > 0, q * ((lq - lp) * LN2 - aux), 0.0)
+    elif DIVERGENCE == TVD:
+        g = q * (0.5 * _sign(q - p) - aux)
+    else:
+        lq = _floored(lq)
+        lp = _floored(lp)
+        lm = _mixture_log2(lp, lq, p, q, param, DIVERGENCE)
+        if DIVERGENCE == JSD:
+            g = q * ((lq - lm) * LN2 - aux)
+        elif DIVERGENCE == SKEW_FORWARD_KL:
+            g = q * aux - tl.exp2(lq + lp - lm)
+        else:  # SKEW_REVERSE_KL
+            g = q * ((lq - lm) * LN2 - aux) + (1.0 - param) * tl.exp2(lq + lp - lm)
+    g = (g * scale).to(g_row.dtype.element_ty)
+    if MASKED:
+        tl.store(g_row + cols, g, mask=cols < V)
+    else:
+        tl.store(g_row + cols, g)
 
 
 @triton.jit
@@ -213,50 +313,40 @@ def kd_backward_kernel(
     grad_loss_ptr,  # (N,) fp32
     stats_ptr,  # (N, 5) fp32 from the forward
     V, inner, stride_s_outer, stride_s_inner, stride_s_col, stride_t_outer, stride_t_inner, stride_t_col,
-    inv_temperature, ignore_index, param, log_param, log1m_param,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
+    inv_temperature, ignore_index, param,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     active = _row_is_active(labels_ptr, row, ignore_index, HAS_LABELS)
-    n_live = tl.where(active, V, 0)  # ignored rows read nothing
-    s_row = student_ptr + row_offset(row, inner, stride_s_outer, stride_s_inner)
-    t_row = teacher_ptr + row_offset(row, inner, stride_t_outer, stride_t_inner)
     g_row = grad_student_ptr + row * V  # the gradient is allocated contiguous
-    base = stats_ptr + row * N_STATS
-    m_s = tl.load(base + 0)
-    log_sum_s = tl.load(base + 1)
-    m_t = tl.load(base + 2)
-    log_sum_t = tl.load(base + 3)
-    aux = tl.load(base + 4)
-    # ∂L/∂student = ∂L/∂s / T, times the upstream gradient of this row's loss.
-    scale = tl.load(grad_loss_ptr + row) * inv_temperature
-
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        mask = cols < n_live
-        lq = (_load_scaled(s_row, cols, stride_s_col, mask, inv_temperature) - m_s) - log_sum_s
-        lp = (_load_scaled(t_row, cols, stride_t_col, mask, inv_temperature) - m_t) - log_sum_t
-        q = tl.exp(lq)
-        p = tl.exp(lp)
-        if DIVERGENCE == FORWARD_KL:
-            g = q - p
-        elif DIVERGENCE == REVERSE_KL:
-            g = tl.where(q > 0, q * (lq - lp - aux), 0.0)
-        elif DIVERGENCE == TVD:
-            g = q * (0.5 * _sign(q - p) - aux)
-        else:
-            lm = _mixture_log(lp, lq, log_param, log1m_param, DIVERGENCE)
-            if DIVERGENCE == JSD:
-                g = (1.0 - param) * tl.where(q > 0, q * (lq - lm - aux), 0.0)
-            elif DIVERGENCE == SKEW_FORWARD_KL:
-                g = (1.0 - param) * (q * aux - _q_p_over_m(lq, lp, lm))
-            else:  # SKEW_REVERSE_KL
-                g = tl.where(q > 0, q * (lq - lm - aux), 0.0) + (1.0 - param) * _q_p_over_m(lq, lp, lm)
-        g = tl.where(active, g * scale, 0.0)
-        tl.store(g_row + cols, g.to(grad_student_ptr.dtype.element_ty), mask=in_row)
+    if active:
+        s_row = student_ptr + row_offset(row, inner, stride_s_outer, stride_s_inner)
+        t_row = teacher_ptr + row_offset(row, inner, stride_t_outer, stride_t_inner)
+        base = stats_ptr + row * N_STATS
+        m_s = tl.load(base + 0)
+        log_sum_s = tl.load(base + 1)
+        m_t = tl.load(base + 2)
+        log_sum_t = tl.load(base + 3)
+        aux = tl.load(base + 4)
+        # ∂L/∂student = ∂L/∂s / T, times the upstream gradient of this row's loss.
+        scale = tl.load(grad_loss_ptr + row) * inv_temperature
+        if DIVERGENCE == JSD or DIVERGENCE == SKEW_FORWARD_KL:
+            scale = scale * (1.0 - param)
+        n_full = (V // BLOCK_V) * BLOCK_V
+        for start in range(0, n_full, BLOCK_V):
+            _grad_tile(g_row, s_row, t_row, start, V, stride_s_col, stride_t_col, inv_temperature, m_s, log_sum_s,
+                       m_t, log_sum_t, aux, scale, param, DIVERGENCE, False, BLOCK_V, VEC)
+        if n_full < V:
+            _grad_tile(g_row, s_row, t_row, n_full, V, stride_s_col, stride_t_col, inv_temperature, m_s, log_sum_s,
+                       m_t, log_sum_t, aux, scale, param, DIVERGENCE, True, BLOCK_V, VEC)
+    else:
+        zeros = tl.zeros([BLOCK_V // VEC, VEC], g_row.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = block_columns(start, BLOCK_V, VEC)
+            tl.store(g_row + cols, zeros, mask=cols < V)
 
 
+@on_tensor_device
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V), fp32|fp16|bf16, one device; labels: (N,) int or None.
 
@@ -268,19 +358,20 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     if n_rows == 0:
         return loss, stats
     block_v, num_warps = launch_config(n_cols)
-    common = dict(HAS_LABELS=labels is not None, BLOCK_V=block_v, num_warps=num_warps)
+    common = dict(HAS_LABELS=labels is not None, BLOCK_V=block_v, VEC=vector_width(student, teacher),
+                  num_warps=num_warps)
     labels_arg = labels if labels is not None else loss  # never read without HAS_LABELS
     args = (student, teacher, labels_arg, loss, stats, n_cols, inner, *row_layout(student),
             *row_layout(teacher), spec.inv_temperature, ignore_index)
     if spec.name in ("forward_kl", "reverse_kl"):
         kd_single_pass_forward_kernel[(n_rows,)](*args, REVERSE=spec.name == "reverse_kl", **common)
     else:
-        kd_two_pass_forward_kernel[(n_rows,)](
-            *args, spec.param, spec.log_param, spec.log1m_param,
-            DIVERGENCE=contract.DIVERGENCE_CODES[spec.name], **common)
+        kd_two_pass_forward_kernel[(n_rows,)](*args, spec.param, DIVERGENCE=contract.DIVERGENCE_CODES[spec.name],
+                                              **common)
     return loss, stats
 
 
+@on_tensor_device
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
     """grad_loss: (N,) fp32; stats: (N, 5) fp32 from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
@@ -292,8 +383,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     grad_loss = grad_loss.to(torch.float32).contiguous()  # autograd often hands in an expanded scalar
     kd_backward_kernel[(n_rows,)](
         grad, student, teacher, labels if labels is not None else grad_loss, grad_loss, stats,
-        n_cols, inner, *row_layout(student), *row_layout(teacher), spec.inv_temperature, ignore_index,
-        spec.param, spec.log_param, spec.log1m_param,
+        n_cols, inner, *row_layout(student), *row_layout(teacher), spec.inv_temperature, ignore_index, spec.param,
         DIVERGENCE=contract.DIVERGENCE_CODES[spec.name], HAS_LABELS=labels is not None,
-        BLOCK_V=block_v, num_warps=num_warps)
+        BLOCK_V=block_v, VEC=vector_width(student, teacher), num_warps=num_warps)
     return grad

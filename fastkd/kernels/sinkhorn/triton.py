@@ -16,6 +16,7 @@ ahead-of-time compile and spill check in tests/kernels/triton_aot.py.
 
 import torch
 
+from ..triton_device import on_tensor_device
 from .contract import allocate_outputs
 from .triton_cost_grad import cost_grad_config, launch_cost_grad, sinkhorn_cost_grad_kernel
 from .triton_streamed import (launch_streamed_forward, launch_streamed_unrolled_backward,
@@ -42,6 +43,7 @@ def _fits_on_chip(n, m):
     return n <= MAX_TILE and m <= MAX_TILE
 
 
+@on_tensor_device
 def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     """cost: (n, m) shared or (B, n, m), fp32|fp16|bf16; a: (B, n), b: (B, m) fp32 (stride-0 views
     allowed). Returns SinkhornOutputs (contract.py), in fp32."""
@@ -66,6 +68,7 @@ def _cost_grad(cost, a, b, f, g, coef_p, coef_c, coef_fg, n_iter, eps, history):
                             STREAM_BLOCK, COST_GRAD_PARALLEL_PROGRAMS, COST_GRAD_MAX_PROGRAMS)
 
 
+@on_tensor_device
 def sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f_hist, g_hist, eps, mode,
                       needs_cost, needs_a, needs_b):
     """As sinkhorn/torch.py's sinkhorn_backward; fp32 results."""
