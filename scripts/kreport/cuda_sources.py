@@ -13,7 +13,9 @@ CSRC = ROOT / "csrc"
 NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DFASTKD_WITH_CUDA")
 
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
-_GLOBAL = re.compile(r"__global__\s+(?:void\s+)?(?:__launch_bounds__\s*\([^)]*\)\s*)?(?:void\s+)?([A-Za-z_]\w*)\s*\(")
+# __launch_bounds__ arguments may hold one level of calls: (kMaxThreads, min_resident_blocks(DIV)).
+_GLOBAL = re.compile(r"__global__\s+(?:void\s+)?(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?(?:void\s+)?"
+                     r"([A-Za-z_]\w*)\s*\(")
 
 
 def sources():
