@@ -128,3 +128,16 @@ def test_fp32_logits_must_be_a_bool_or_none(fp32_logits):
     tensors = _bf16_problem(3, 8, 20, logit_std=1.0)
     with pytest.raises(TypeError, match="fp32_logits"):
         fastkd.fused_linear_kd_loss(*tensors, fp32_logits=fp32_logits)
+
+
+def test_fp32_weight_next_to_bf16_activations_gets_an_unrounded_gradient():
+    # What autocast leaves: bf16 hidden states, an fp32 lm_head (cast to bf16 for the GEMMs).
+    sh, sw, th, tw = _bf16_problem(32, 64, 1500, logit_std=4.0)
+    weight = sw.float().requires_grad_(True)
+    hidden = sh.detach().requires_grad_(True)
+    loss = fastkd.fused_linear_kd_loss(hidden, weight, th, tw, temperature=1.0, fp32_logits=True)
+    grad_weight = torch.autograd.grad(loss, weight)[0]
+    leaves = [sh.double(), sw.double().requires_grad_(True)]  # the weight as the GEMM sees it
+    ref = torch.autograd.grad(reference_loss(*leaves, th.double(), tw.double()), leaves[1])[0]
+    assert grad_weight.dtype == torch.float32
+    assert rel_err(grad_weight, ref) < 1e-5  # far below bf16's 2e-3: no bf16 rounding on its way

@@ -130,14 +130,16 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
                                 out=grad_logits)
         if need_bias:
             grad_bias += grad_logits.sum(0, dtype=accumulate)
-        # fp32 logits give an fp32 gradient block: rounded once to the GEMM operands' dtype.
-        grad_logits = grad_logits.to(student_hidden.dtype)
+        # fp32 logits give an fp32 gradient block: rounded once to the GEMM operands' dtype (a
+        # no-op otherwise); an fp32 weight's gradient takes the unrounded block.
+        rounded = grad_logits.to(student_hidden.dtype)
         if need_hidden:
-            torch.matmul(grad_logits, student_weight, out=grad_hidden[start:stop])
+            torch.matmul(rounded, student_weight, out=grad_hidden[start:stop])
         if need_weight:
             # A weight kept in another dtype than the logits (fp32 next to bf16) accumulates in its
             # own: the block's operands are cast (block-sized copies), never the (V, Hs) gradient.
-            grad_weight.addmm_(grad_logits.t().to(weight_dtype), hidden.to(weight_dtype))
+            block_grad = rounded if weight_dtype == rounded.dtype else grad_logits.to(weight_dtype)
+            grad_weight.addmm_(block_grad.t(), hidden.to(weight_dtype))
 
     if soft_rows is None:  # no rows at all
         dtype = compute_dtype(student_hidden, teacher.row_dtype_source)
