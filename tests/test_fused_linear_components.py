@@ -158,3 +158,10 @@ def test_opcheck_with_entropy_and_fp32_logits():
 def test_return_entropy_must_be_a_bool(value):
     with pytest.raises(TypeError, match="return_entropy"):
         fastkd.fused_linear_kd_loss(*_problem((2,)), return_entropy=value)
+
+
+def test_module_returns_entropy():
+    sh, sw, th, tw = _problem((4,))
+    module = fastkd.FusedLinearKDLoss("forward_kl", temperature=2.0, return_entropy=True)
+    out = module(sh, sw, th, tw)
+    assert rel_err(out.entropy, _entropy(sh @ sw.t(), 2.0)) < 1e-5
