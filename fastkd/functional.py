@@ -9,6 +9,7 @@ from torch import Tensor
 from . import validation
 from .divergences import make_spec
 from .kernels import registry
+from .kernels.fused_linear import block_logits
 from .kernels.layout import as_rows, compute_dtype
 from .kernels.sparse.contract import MISSING_MASS, SPARSE_DIVERGENCES
 from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
@@ -23,12 +24,20 @@ class FusedLoss(NamedTuple):
     hard_weight·hard``. ``soft`` is the reduced divergence (× T² with ``temperature_squared``),
     ``hard`` the reduced hard-label cross-entropy, both detached, for logging; ``n_tokens`` the
     number of non-ignored tokens (int64, on the device: no host synchronisation). With
-    reduction="none" ``soft`` and ``hard`` are per token."""
+    reduction="none" ``soft`` and ``hard`` are per token.
+
+    Per token, with the leading shape (…) of the hidden states, detached, 0 on ignored tokens:
+    ``soft_per_token`` (× T² with ``temperature_squared``) and ``hard_per_token``, whatever the
+    reduction; ``entropy``, the student's entropy at temperature T (after its logit scale and
+    soft-cap), with ``return_entropy=True``, else None. All come from the fused pass itself."""
 
     loss: Tensor
     soft: Tensor
     hard: Tensor
     n_tokens: Tensor
+    soft_per_token: Optional[Tensor] = None
+    hard_per_token: Optional[Tensor] = None
+    entropy: Optional[Tensor] = None
 
 
 def kd_loss(
@@ -199,6 +208,8 @@ def fused_linear_kd_loss(
     reduction: str = "mean",
     normalizer: Normalizer = None,
     return_components: bool = False,
+    return_entropy: bool = False,
+    fp32_logits: Optional[bool] = None,
     backend: str = "auto",
 ) -> Union[Tensor, FusedLoss]:
     """Distillation loss from hidden states and lm_head weights, never forming the (N, V) logits.
@@ -218,8 +229,19 @@ def fused_linear_kd_loss(
             ``ignore_index`` contribute nothing to either term.
         vocab_size: the real vocabulary size when the lm_head weights are padded: rows ≥ vocab_size
             are left out of both softmaxes (they get a zero gradient). Required when V ≠ V'.
-        return_components: return a :class:`FusedLoss` (loss, soft, hard, n_tokens) instead of
-            the loss alone, so trainers can log both terms.
+        return_components: return a :class:`FusedLoss` (loss, soft, hard, n_tokens, and per token
+            soft_per_token, hard_per_token) instead of the loss alone, so trainers can log both terms.
+        return_entropy: also the student's per-token entropy at temperature T (``FusedLoss.entropy``,
+            0 on ignored tokens), from each logit block while it is in memory; implies
+            ``return_components``.
+        fp32_logits: with fp16/bf16 inputs, keep each block's logits (student and teacher) in fp32
+            from the GEMM's fp32 accumulation instead of rounding them to the inputs' dtype before
+            the softmax (rounding a logit of 20 to bf16 moves its probability by up to 4%; the
+            gradient error falls to about the bf16 rounding of the gradient itself). None (default):
+            on for CUDA tensors (``torch.mm(..., out_dtype=torch.float32)``: the same GEMM; the
+            logit blocks take twice the memory), off on the CPU, where PyTorch has no such GEMM and
+            the weight is upcast chunk by chunk for every token block (several times slower:
+            docs/perf-notes.md). No effect on fp32/fp64 inputs.
         The other options are those of :func:`kd_loss`.
 
     Returns:
@@ -239,19 +261,19 @@ def fused_linear_kd_loss(
         raise ValueError(f"student_hidden is on {device} but teacher_hidden is on {teacher_hidden.device}")
     vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
-                         soft_weight, hard_weight, return_components)
+                         soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
     spec = make_spec(divergence, temperature, beta, skew, alpha=alpha, student_logit_scale=student_logit_scale,
                      student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
                      teacher_softcap=teacher_softcap, standardize=standardize, standardize_eps=standardize_eps)
     _check_labels_for(spec, labels, vocab)
     options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device,
-                             (student_hidden.dtype, teacher_hidden.dtype))
+                             (student_hidden.dtype, teacher_hidden.dtype), fp32_logits, return_entropy)
 
     student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
     teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
     return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components)
+                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
 
 
 def fused_linear_sparse_kd_loss(
@@ -273,12 +295,16 @@ def fused_linear_sparse_kd_loss(
     reduction: str = "mean",
     normalizer: Normalizer = None,
     return_components: bool = False,
+    return_entropy: bool = False,
+    fp32_logits: Optional[bool] = None,
     validate: bool = False,
     backend: str = "auto",
 ) -> Union[Tensor, FusedLoss]:
     """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
+    ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
+    those of :func:`fused_linear_kd_loss`.
     ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term."""
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
@@ -289,23 +315,27 @@ def fused_linear_sparse_kd_loss(
     validation.check_flag("validate", validate)
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
-                         soft_weight, hard_weight, return_components)
+                         soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
     options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device,
-                             (student_hidden.dtype, teacher_logprobs.dtype))
+                             (student_hidden.dtype, teacher_logprobs.dtype), fp32_logits, return_entropy)
 
     student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
     return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components)
+                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
 
 
-def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, backend, device, dtypes):
+def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, backend, device, dtypes, fp32_logits,
+                   with_entropy):
     """The FusedLinearOptions of a call: the soft family's backend, and the ce family's when there
     is a hard term, each chosen by the registry."""
     soft_backend = registry.select(soft_family, backend, device, dtypes, spec.features)
     ce_backend = registry.select("ce", backend, device, dtypes[:1]) if hard_weight != 0 else ""
-    return FusedLinearOptions(spec, missing_mass, ignore_index, hard_weight != 0, soft_backend, ce_backend)
+    if fp32_logits is None:
+        fp32_logits = block_logits.default_fp32(device)
+    return FusedLinearOptions(spec, missing_mass, ignore_index, hard_weight != 0, soft_backend, ce_backend,
+                              fp32_logits, with_entropy)
 
 
 def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight, hard_weight,
@@ -321,13 +351,15 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
     inputs = (student_hidden, student_weight, student_bias, *teacher, flat_labels)
 
     if reduction == "none":
-        soft, hard = fused_linear_kd_rows(inputs, options)
+        soft, hard, entropy = fused_linear_kd_rows(inputs, options)
         soft = (soft * t_squared).reshape(leading_shape)
         hard = hard.reshape(leading_shape)
         loss = soft_weight * soft + hard_weight * hard
         if not return_components:
             return loss
-        return FusedLoss(loss, soft.detach(), hard.detach(), _n_tokens(n_rows, flat_labels, options, device))
+        soft, hard = soft.detach(), hard.detach()
+        return FusedLoss(loss, soft, hard, _n_tokens(n_rows, flat_labels, options, device), soft, hard,
+                         _entropy(entropy, options, leading_shape))
     dtype = compute_dtype(student_hidden, teacher[0] if teacher[0] is not None else teacher[4])
     weight = row_weight(n_rows, reduction, normalizer, flat_labels, options.ignore_index,
                         torch.empty((), dtype=dtype, device=device))
@@ -336,11 +368,17 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher, labels,
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
              grad_on and student_bias is not None and student_bias.requires_grad)
-    loss, soft, hard, *_ = fused_linear_kd_weighted(inputs, soft_scale, hard_scale, options, needs)
+    loss, soft, hard, entropy, *_ = fused_linear_kd_weighted(inputs, soft_scale, hard_scale, options, needs)
     if not return_components:
         return loss
+    soft_per_token = (soft * t_squared).reshape(leading_shape).detach()
     return FusedLoss(loss, (soft.sum() * (weight * t_squared)).detach(), (hard.sum() * weight).detach(),
-                     _n_tokens(n_rows, flat_labels, options, device))
+                     _n_tokens(n_rows, flat_labels, options, device), soft_per_token,
+                     hard.reshape(leading_shape).detach(), _entropy(entropy, options, leading_shape))
+
+
+def _entropy(entropy, options, leading_shape):
+    return entropy.reshape(leading_shape).detach() if options.with_entropy else None
 
 
 def _n_tokens(n_rows, labels, options, device):
@@ -359,13 +397,16 @@ def _check_labels_for(spec, labels, vocab):
 
 
 def _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
-                         soft_weight, hard_weight, return_components):
+                         soft_weight, hard_weight, return_components, return_entropy, fp32_logits):
     """The checks the dense and sparse fused losses share."""
     validation.check_row_options(labels, leading_shape, device, ignore_index, reduction, normalizer,
                                  temperature_squared)
     validation.check_finite_number("soft_weight", soft_weight)
     validation.check_finite_number("hard_weight", hard_weight)
     validation.check_flag("return_components", return_components)
+    validation.check_flag("return_entropy", return_entropy)
+    if fp32_logits is not None:
+        validation.check_flag("fp32_logits", fp32_logits)
     if hard_weight != 0 and labels is None:
         raise ValueError("labels are required when hard_weight is not 0 (the hard term is cross-entropy "
                          "against them)")

@@ -57,11 +57,13 @@ class FusedLinearKDLoss(_LossModule):
                  vocab_size: Optional[int] = None, temperature: float = 1.0, beta: Optional[float] = None,
                  skew: float = 0.1, alpha: Optional[float] = None, temperature_squared: bool = False,
                  ignore_index: int = -100, reduction: str = "mean", return_components: bool = False,
-                 backend: str = "auto", **transforms):
+                 return_entropy: bool = False, fp32_logits: Optional[bool] = None, backend: str = "auto",
+                 **transforms):
         super().__init__(**_spec_options(divergence, temperature, beta, skew, alpha, transforms),
                          soft_weight=soft_weight, hard_weight=hard_weight, vocab_size=vocab_size,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
-                         return_components=return_components, backend=backend)
+                         return_components=return_components, return_entropy=return_entropy,
+                         fp32_logits=fp32_logits, backend=backend)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
@@ -96,11 +98,13 @@ class FusedLinearSparseKDLoss(_LossModule):
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  vocab_size: Optional[int] = None, temperature: float = 1.0, missing_mass: str = "renormalize",
                  temperature_squared: bool = False, ignore_index: int = -100, reduction: str = "mean",
-                 return_components: bool = False, validate: bool = False, backend: str = "auto"):
+                 return_components: bool = False, return_entropy: bool = False, fp32_logits: Optional[bool] = None,
+                 validate: bool = False, backend: str = "auto"):
         super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
                          vocab_size=vocab_size, temperature=temperature, missing_mass=missing_mass,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
-                         return_components=return_components, validate=validate, backend=backend)
+                         return_components=return_components, return_entropy=return_entropy,
+                         fp32_logits=fp32_logits, validate=validate, backend=backend)
         functional._sparse_spec(divergence, temperature, missing_mass)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,

@@ -49,6 +49,8 @@ class FusedLinearOptions:
     with_hard: bool  # also compute hard-label cross-entropy rows (needs labels)
     soft_backend: str
     ce_backend: str  # "" without the hard term
+    fp32_logits: bool = False  # fp16/bf16 logit blocks kept in fp32 (kernels/fused_linear/block_logits.py)
+    with_entropy: bool = False  # also the student's per-row entropy at temperature T
 
 
 @dataclass(frozen=True)

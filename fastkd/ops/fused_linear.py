@@ -7,8 +7,11 @@ Two forms share the block driver (kernels/fused_linear/driver.py):
   * ``fused_linear_kd_rows``: per-row losses (reduction="none"). An arbitrary grad_output is only
     known in the backward, which recomputes the logit blocks (two more GEMMs).
 The teacher is dense (teacher_hidden, teacher_weight, teacher_bias) or sparse (teacher_indices,
-teacher_logprobs); the other teacher tensors are None.
+teacher_logprobs); the other teacher tensors are None. Both also return the student's entropy per
+row when options.with_entropy (else an empty tensor): a logged value, without a gradient.
 """
+
+import dataclasses
 
 from ..kernels.fused_linear import driver
 from ..kernels.layout import compute_dtype
@@ -50,32 +53,40 @@ def _fake_grads(tensors, needs, like):
 
 
 @define("fused_linear_kd_weighted", f"{_TENSORS}, Tensor soft_scale, Tensor hard_scale", FusedLinearOptions,
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", extra=_NEEDS)
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", extra=_NEEDS)
 def _weighted(*args):
-    """Returns (loss = Σ soft_scale·soft + hard_scale·hard, soft (N,), hard (N,), grad_hidden,
-    grad_weight, grad_bias); a gradient not asked for is an empty tensor."""
+    """Returns (loss = Σ soft_scale·soft + hard_scale·hard, soft (N,), hard (N,), entropy (N,) or
+    empty, grad_hidden, grad_weight, grad_bias); a gradient not asked for is an empty tensor."""
     tensors, (soft_scale, hard_scale), rest = args[:_N_TENSORS], args[_N_TENSORS:_N_TENSORS + 2], args[_N_TENSORS + 2:]
     options, needs = unflatten(FusedLinearOptions, rest)
-    soft, hard, *grads = _run(tensors, options, soft_scale, hard_scale, needs)
+    soft, hard, entropy, *grads = _run(tensors, options, soft_scale, hard_scale, needs)
     loss = (soft * soft_scale.to(soft.dtype)).sum() + (hard * hard_scale.to(hard.dtype)).sum()
-    return (loss, soft, hard, *_or_empty(grads, soft))
+    return (loss, soft, hard, *_or_empty((entropy, *grads), soft))
+
+
+def _fake_rows(tensors, options):
+    """Fakes of the per-row outputs (soft, hard, entropy)."""
+    dtype = _row_dtype(tensors)
+    n_rows = tensors[0].shape[0]
+    return tuple(tensors[0].new_empty(n_rows if wanted else 0, dtype=dtype)
+                 for wanted in (True, True, options.with_entropy))
 
 
 @_weighted.register_fake
 def _weighted_fake(*args):
     tensors, needs = args[:_N_TENSORS], args[-3:]
+    options, _ = unflatten(FusedLinearOptions, args[_N_TENSORS + 2:])
     dtype = _row_dtype(tensors)
     student_hidden = tensors[0]
-    n_rows = student_hidden.shape[0]
     grads = _fake_grads(tensors, needs, student_hidden.new_empty(0, dtype=dtype))
-    return (student_hidden.new_empty((), dtype=dtype), student_hidden.new_empty(n_rows, dtype=dtype),
-            student_hidden.new_empty(n_rows, dtype=dtype), *grads)
+    return (student_hidden.new_empty((), dtype=dtype), *_fake_rows(tensors, options), *grads)
 
 
 def _weighted_setup(ctx, inputs, output):
     ctx.needs = inputs[-3:]
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(*output[3:])
+    ctx.mark_non_differentiable(output[3])
+    ctx.save_for_backward(*output[4:])
 
 
 def _weighted_backward(ctx, grad_loss, *unused):
@@ -86,20 +97,18 @@ def _weighted_backward(ctx, grad_loss, *unused):
 _weighted.register_autograd(_weighted_backward, setup_context=_weighted_setup)
 
 
-@define("fused_linear_kd_rows", _TENSORS, FusedLinearOptions, "(Tensor, Tensor)")
+@define("fused_linear_kd_rows", _TENSORS, FusedLinearOptions, "(Tensor, Tensor, Tensor)")
 def _rows(*args):
-    """Returns per-row (soft, hard) losses, (N,) each."""
+    """Returns per-row (soft, hard) losses, (N,) each, and the entropy (N,) or an empty tensor."""
     options, _ = unflatten(FusedLinearOptions, args[_N_TENSORS:])
-    soft, hard, *_ = _run(args[:_N_TENSORS], options)
-    return soft, hard
+    soft, hard, entropy, *_ = _run(args[:_N_TENSORS], options)
+    return soft, hard, soft.new_empty(0) if entropy is None else entropy
 
 
 @_rows.register_fake
 def _rows_fake(*args):
-    tensors = args[:_N_TENSORS]
-    dtype = _row_dtype(tensors)
-    n_rows = tensors[0].shape[0]
-    return tensors[0].new_empty(n_rows, dtype=dtype), tensors[0].new_empty(n_rows, dtype=dtype)
+    options, _ = unflatten(FusedLinearOptions, args[_N_TENSORS:])
+    return _fake_rows(args[:_N_TENSORS], options)
 
 
 @define("fused_linear_kd_rows_backward", f"Tensor grad_soft, Tensor grad_hard, {_TENSORS}", FusedLinearOptions,
@@ -108,7 +117,8 @@ def _rows_backward(grad_soft, grad_hard, *args):
     """Recomputes the logit blocks; returns (grad_hidden, grad_weight, grad_bias), empty where not asked."""
     tensors = args[:_N_TENSORS]
     options, needs = unflatten(FusedLinearOptions, args[_N_TENSORS:])
-    _, _, *grads = _run(tensors, options, grad_soft, grad_hard, needs)
+    options = dataclasses.replace(options, with_entropy=False)  # logged in the forward only
+    _, _, _, *grads = _run(tensors, options, grad_soft, grad_hard, needs)
     return _or_empty(grads, tensors[0])
 
 
@@ -124,9 +134,10 @@ def _rows_setup(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
     ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  tensors[2] is not None and ctx.needs_input_grad[2])
+    ctx.mark_non_differentiable(output[2])
 
 
-def _rows_autograd_backward(ctx, grad_soft, grad_hard):
+def _rows_autograd_backward(ctx, grad_soft, grad_hard, grad_entropy):
     grads = _rows_backward(grad_soft.contiguous(), grad_hard.contiguous(), *ctx.saved_tensors, *ctx.options,
                            *ctx.needs)
     grads = tuple(grad if need else None for grad, need in zip(grads, ctx.needs))
@@ -138,10 +149,11 @@ _rows.register_autograd(_rows_autograd_backward, setup_context=_rows_setup)
 
 def fused_linear_kd_weighted(tensors, soft_scale, hard_scale, options, needs):
     """tensors: the nine tensors of the schema (None where absent); soft_scale, hard_scale: (N,).
-    Returns (loss, soft (N,), hard (N,), grad_hidden, grad_weight, grad_bias)."""
+    Returns (loss, soft (N,), hard (N,), entropy (N,) or empty, grad_hidden, grad_weight, grad_bias)."""
     return _weighted(*tensors, soft_scale, hard_scale, *flatten(options), *needs)
 
 
 def fused_linear_kd_rows(tensors, options):
-    """Per-row (soft, hard) losses, (N,) each, differentiable through a recomputing backward."""
+    """Per-row (soft, hard) losses, (N,) each, differentiable through a recomputing backward, and
+    the entropy (N,) (empty without options.with_entropy), not differentiable."""
     return _rows(*tensors, *flatten(options))

@@ -16,6 +16,8 @@ import torch
 
 from .. import registry
 from ..layout import compute_dtype
+from . import block_logits
+from .entropy import entropy_rows
 
 # Elements of one (C, V) logit block. GPU: 256M (512 MiB in bf16, three blocks live: 1.5 GiB),
 # C ≈ 2k rows at V = 128k; each block adds its grad_weight contribution with one addmm that reads
@@ -35,7 +37,7 @@ class DenseTeacher:
         self.row_dtype_source = hidden
 
     def block(self, kernels, options, start, stop, student_logits, labels, scale):
-        teacher_logits = _logits(self.hidden[start:stop], self.weight, self.bias)
+        teacher_logits = block_logits.block(self.hidden[start:stop], self.weight, self.bias, options.fp32_logits)
         spec, ignore_index = options.spec, options.ignore_index
         soft, stats = kernels.kd_rows_forward(student_logits, teacher_logits, labels, spec, ignore_index)
         if scale is None:
@@ -63,10 +65,6 @@ def block_rows(n_rows, vocab, device):
     return max(1, min(n_rows, budget // max(vocab, 1)))
 
 
-def _logits(hidden, weight, bias):
-    return torch.matmul(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
-
-
 def _in_dtype(tensor, dtype):
     # Logits are formed in the hidden states' dtype: an fp32 lm_head next to bf16 activations (what
     # autocast leaves) is cast once per call, as autocast itself would cast it for the matmul.
@@ -82,7 +80,9 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     FusedLinearOptions. With soft_scale and hard_scale (N,) given, also returns the gradients of
     Σ soft_scale·soft + hard_scale·hard with respect to the student hidden states, weight and
     bias, each only where ``need`` says so (else None).
-    Returns (soft_rows (N,), hard_rows (N,), grad_hidden, grad_weight, grad_bias).
+    With options.with_entropy, also the student's entropy per row at temperature T (0 on ignored
+    rows), from each logit block while it is in memory; else entropy is None.
+    Returns (soft_rows (N,), hard_rows (N,), entropy (N,) or None, grad_hidden, grad_weight, grad_bias).
     """
     n_rows = student_hidden.shape[0]
     vocab = student_weight.shape[0]
@@ -102,21 +102,24 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     # few blocks on a GPU): an fp32 (V, Hs) accumulator would cost 2 GB at V = 128k, Hs = 4096.
     accumulate = compute_dtype(student_weight)
     grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
-    soft_rows = hard_rows = None
+    soft_rows = hard_rows = entropy = None
 
     rows = block_rows(n_rows, vocab, student_hidden.device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         hidden = student_hidden[start:stop]
         block_labels = None if labels is None else labels[start:stop]
-        student_logits = _logits(hidden, student_weight, student_bias)
+        student_logits = block_logits.block(hidden, student_weight, student_bias, options.fp32_logits)
         block_scale = None if soft_scale is None else soft_scale[start:stop]
         soft, grad_logits = teacher.block(soft_kernels, options, start, stop, student_logits, block_labels,
                                           block_scale)
         if soft_rows is None:
             soft_rows = soft.new_empty(n_rows)
             hard_rows = soft.new_zeros(n_rows)
+            entropy = soft.new_empty(n_rows) if options.with_entropy else None
         soft_rows[start:stop] = soft
+        if entropy is not None:
+            entropy[start:stop] = entropy_rows(student_logits, block_labels, options)
         if ce is not None:
             hard, ce_stats = ce.ce_rows_forward(student_logits, block_labels, ignore_index)
             hard_rows[start:stop] = hard
@@ -125,19 +128,24 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         if ce is not None:
             ce.ce_rows_backward(hard_scale[start:stop], student_logits, block_labels, ce_stats, ignore_index,
                                 out=grad_logits)
+        if need_bias:
+            grad_bias += grad_logits.sum(0, dtype=accumulate)
+        # fp32 logits give an fp32 gradient block: rounded once to the GEMM operands' dtype (a
+        # no-op otherwise); an fp32 weight's gradient takes the unrounded block.
+        rounded = grad_logits.to(student_hidden.dtype)
         if need_hidden:
-            torch.matmul(grad_logits, student_weight, out=grad_hidden[start:stop])
+            torch.matmul(rounded, student_weight, out=grad_hidden[start:stop])
         if need_weight:
             # A weight kept in another dtype than the logits (fp32 next to bf16) accumulates in its
             # own: the block's operands are cast (block-sized copies), never the (V, Hs) gradient.
-            grad_weight.addmm_(grad_logits.t().to(weight_dtype), hidden.to(weight_dtype))
-        if need_bias:
-            grad_bias += grad_logits.sum(0, dtype=accumulate)
+            block_grad = rounded if weight_dtype == rounded.dtype else grad_logits.to(weight_dtype)
+            grad_weight.addmm_(block_grad.t(), hidden.to(weight_dtype))
 
     if soft_rows is None:  # no rows at all
         dtype = compute_dtype(student_hidden, teacher.row_dtype_source)
         soft_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
         hard_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)
+        entropy = hard_rows.new_zeros(0) if options.with_entropy else None
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias_dtype)
-    return soft_rows, hard_rows, grad_hidden, grad_weight, grad_bias
+    return soft_rows, hard_rows, entropy, grad_hidden, grad_weight, grad_bias
