@@ -8,10 +8,12 @@ Per call, each step one all-reduce of a (k, N) tensor in the compute dtype:
     [standardize]         Σy, then Σ(y − mean)², per side            (2, N) SUM, twice
     row max of each side's x = logits / T (dkd: off the target)      (2, N) MAX
     Σ exp(x − max) per side (dkd: and the target's x)               (2, N) SUM (dkd: (4, N))
-    the divergence's per-row sums: loss and gradient constant aux    (2, N) SUM (dkd: NCKD (1, N))
+    the divergence's per-row sums: loss and gradient constant aux    (2, N) SUM (tvd: (4, N);
+                                                                      dkd: NCKD (1, N))
 
 The backward is local: every divergence's gradient is q_j·(g_j − aux) with aux a per-row sum
-already exchanged (fastkd/divergences.py). Only ``standardize`` needs one more (3, N) SUM there.
+already exchanged (fastkd/divergences.py; tvd exchanges the masses that aux is made of, so that
+½ − aux does not cancel). Only ``standardize`` needs one more (3, N) SUM there.
 
 Gradient convention. The per-row loss comes out replicated: every rank holds the same (N,)
 values, runs the same reduction and calls backward with the same upstream gradient. The
@@ -218,11 +220,14 @@ class _VocabParallelKDRows(torch.autograd.Function):
             return [divergences.log_probs(xs[side], row_max[side, start:stop], log_sum[side, start:stop])
                     for side in range(2)]
 
-        partial = torch.zeros(1 if dkd else 2, n_rows, dtype=dtype, device=device)
+        tvd = spec.name == "tvd"
+        partial = torch.zeros(1 if dkd else 4 if tvd else 2, n_rows, dtype=dtype, device=device)
         for start, stop in _chunks(n_rows, n_cols):
             lq, lp = log_probs(start, stop)
             if dkd:  # NCKD's terms over this rank's non-target classes
                 partial[0, start:stop] = divergences._kl_terms(lp.exp(), lp, lq, divergences._fresh).sum(-1)
+            elif tvd:
+                partial[:, start:stop] = _tvd_sums(lq, lp)
             else:  # every divergence's loss and aux are sums of element-wise terms
                 partial[0, start:stop], partial[1, start:stop] = divergences.row_loss_and_aux(spec, lq, lp)
         _all_reduce(partial, dist.ReduceOp.SUM, group)
@@ -236,7 +241,7 @@ class _VocabParallelKDRows(torch.autograd.Function):
             row_loss = torch.where(targets.bad, math.nan, spec.alpha * tckd + spec.param * partial[0])
             aux = log_target[0].exp() - log_target[1].exp()
         else:
-            row_loss, aux = partial[0], partial[1]
+            row_loss, aux = partial[0], partial[1:]
         active = None if labels is None else labels != ignore_index
         if active is not None:
             row_loss = torch.where(active, row_loss, 0.0)
@@ -267,9 +272,11 @@ class _VocabParallelKDRows(torch.autograd.Function):
                 xs = [_mask_target(x, owns, index) for x in xs]
             lq, lp = (divergences.log_probs(xs[side], row_max[side, start:stop], log_sum[side, start:stop])
                       for side in range(2))
-            rows_aux = aux[start:stop]
-            if targets is None:
-                g = divergences.grad_scaled_student(spec, lq, lp, rows_aux)
+            rows_aux = aux[..., start:stop]
+            if spec.name == "tvd":
+                g = _tvd_grad(lq, lp, rows_aux)
+            elif targets is None:
+                g = divergences.grad_scaled_student(spec, lq, lp, rows_aux[0])
             else:
                 g = lq.exp().mul_((spec.param - spec.alpha * rows_aux)[:, None]).sub_(lp.exp().mul_(spec.param))
                 # ∂/∂x_y = alpha·aux lands on the one rank that holds the target's column.
@@ -300,6 +307,24 @@ class _VocabParallelKDRows(torch.autograd.Function):
             grad[start:stop] = logit_transforms.backward(x, g, spec.student_scale, spec.student_softcap, False,
                                                          spec.standardize_eps)
         return grad, None, None, None, None, None
+
+
+def _tvd_sums(lq, lp):
+    """(½Σ|p − q|, Σ_{q<p} q, Σ_{q>p} q, Σ_{q=p} q) per row: (4, rows). The masses replace tvd's
+    aux = ½Σ sign(q − p)·q, whose ½ − aux cancels in fp32 when most of q lies above p."""
+    q, p = lq.exp(), lp.exp()
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    return torch.stack([0.5 * (q - p).abs().sum(-1), torch.where(q < p, q, zero).sum(-1),
+                        torch.where(q > p, q, zero).sum(-1), torch.where(q == p, q, zero).sum(-1)])
+
+
+def _tvd_grad(lq, lp, masses):
+    """∂tvd/∂s_j = q_j·(½ sign_j − aux), with ½ − aux = below + ½ tied and −½ − aux = −(above +
+    ½ tied) (Σq = 1 splits into the three masses): no cancellation."""
+    q, p = lq.exp(), lp.exp()
+    below, above, tied = masses[0, :, None], masses[1, :, None], masses[2, :, None]
+    factor = torch.where(q > p, below + 0.5 * tied, torch.where(q < p, -(above + 0.5 * tied), 0.5 * (below - above)))
+    return q * factor
 
 
 def _standardize_backward(g, centred, sums, standard, start, stop):
