@@ -23,6 +23,7 @@ full gradient. The all-reduces are not differentiated through: the usual all-red
 """
 
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,47 @@ def _served_devices(name):
         else:
             return None
     return devices
+
+
+def unwrap_dtensors(student, teacher, labels, group):
+    """DTensor logits placed Shard(-1) on one mesh dimension (Replicate on the others) become
+    their local slices and that dimension's group. Returns (student, teacher, labels, group,
+    wrap): ``wrap`` turns the loss into a DTensor replicated over the mesh, or is None for plain
+    tensors. Gradients reach the DTensor student as a DTensor placed like it."""
+    if not (_is_dtensor(student) or _is_dtensor(teacher)):
+        return student, teacher, labels, group, None
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not (_is_dtensor(student) and _is_dtensor(teacher)):
+        raise TypeError("student_logits and teacher_logits must both be DTensors, or neither")
+    if group is not None:
+        raise ValueError("process_group must be None for DTensor logits: the group comes from their device mesh")
+    if student.device_mesh != teacher.device_mesh or tuple(student.placements) != tuple(teacher.placements):
+        raise ValueError(f"student_logits and teacher_logits must share a device mesh and placements; got "
+                         f"{student.placements} and {teacher.placements}")
+    last = student.dim() - 1
+    placements = tuple(student.placements)
+    vocab_dims = [d for d, p in enumerate(placements) if p.is_shard() and p.dim in (-1, last)]
+    if len(vocab_dims) != 1 or any(not p.is_replicate() for d, p in enumerate(placements) if d != vocab_dims[0]):
+        raise NotImplementedError(f"DTensor logits are supported placed Shard(-1) on one mesh dimension and "
+                                  f"Replicate on the others; got placements {placements}")
+    if _is_dtensor(labels):
+        if not all(p.is_replicate() for p in labels.placements):
+            raise NotImplementedError(f"DTensor labels must be replicated; got placements {labels.placements}")
+        labels = labels.to_local()
+    mesh = student.device_mesh
+    replicated = [Replicate()] * mesh.ndim
+
+    def wrap(loss):
+        return DTensor.from_local(loss, mesh, replicated, run_check=False)
+
+    return student.to_local(), teacher.to_local(), labels, mesh.get_group(vocab_dims[0]), wrap
+
+
+def _is_dtensor(x):
+    # No DTensor exists unless its module was imported; importing it here would cost seconds.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def kd_rows_vocab_parallel(student, teacher, labels, spec, ignore_index, group):

@@ -89,11 +89,15 @@ def kd_loss(
             logits are then this rank's contiguous slice of columns (ranks in order, any sizes),
             labels hold global ids, and the ranks exchange per-row statistics only (see
             fastkd/distributed.py; backend "auto" or "torch"). The result is the loss over the
-            whole vocabulary, equal on every rank; the gradient is this rank's slice.
+            whole vocabulary, equal on every rank; the gradient is this rank's slice. DTensor
+            logits placed Shard(-1) need no group (their mesh gives it) and give a replicated
+            DTensor loss.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none".
     """
+    student_logits, teacher_logits, labels, process_group, as_dtensor = distributed.unwrap_dtensors(
+        student_logits, teacher_logits, labels, process_group)
     validation.check_logits("student_logits", student_logits)
     validation.check_logits("teacher_logits", teacher_logits)
     validation.check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
@@ -121,7 +125,8 @@ def kd_loss(
         row_loss = kd_rows(as_rows(student_logits), as_rows(teacher_logits), flat_labels, options)[0]
     if temperature_squared:
         row_loss = row_loss * (spec.temperature ** 2)
-    return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+    loss = reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+    return loss if as_dtensor is None else as_dtensor(loss)
 
 
 def sparse_kd_loss(

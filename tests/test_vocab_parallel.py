@@ -193,6 +193,35 @@ def _check_errors(rank, group, split):
         dist.get_backend = real_get_backend
 
 
+def _check_dtensor(rank, group):
+    """DTensor logits placed Shard(-1) (V = 1001 over 3 ranks: 334, 334, 333) need no group and
+    give a replicated DTensor loss; the student's gradient comes back as a DTensor placed alike."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (group.size(),))
+    student, teacher, labels = _inputs(1001, torch.float32, seed=21)
+    for reduction in ("mean", "none"):
+        options = dict(divergence="skew_reverse_kl", skew=0.25, temperature=1.5, reduction=reduction)
+        full = student.clone().requires_grad_(True)
+        one_process = fastkd.kd_loss(full, teacher, labels, **options)
+        one_process.sum().backward()
+        sharded = distribute_tensor(student.clone(), mesh, [Shard(-1)]).requires_grad_(True)
+        loss = fastkd.kd_loss(sharded, distribute_tensor(teacher, mesh, [Shard(-1)]), labels, **options)
+        assert isinstance(loss, DTensor) and tuple(loss.placements) == (Replicate(),)
+        assert rel_err(loss.to_local(), one_process) <= 4 * TOLERANCE[torch.float32]
+        loss.sum().backward()
+        assert isinstance(sharded.grad, DTensor) and tuple(sharded.grad.placements) == tuple(sharded.placements)
+        assert rel_err(sharded.grad.full_tensor(), full.grad) <= 4 * TOLERANCE[torch.float32]
+    sharded_teacher = distribute_tensor(teacher, mesh, [Shard(-1)])
+    with pytest.raises(ValueError, match="process_group must be None for DTensor logits"):
+        fastkd.kd_loss(distribute_tensor(student, mesh, [Shard(-1)]), sharded_teacher, process_group=group)
+    with pytest.raises(TypeError, match="must both be DTensors"):
+        fastkd.kd_loss(student, sharded_teacher)
+    with pytest.raises(NotImplementedError, match="Shard\\(-1\\) on one mesh dimension"):
+        fastkd.kd_loss(distribute_tensor(student, mesh, [Shard(0)]), distribute_tensor(teacher, mesh, [Shard(0)]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Bytes sent: every collective is wrapped; all-reduce payloads are counted, anything else fails.
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +299,8 @@ def _group_main(rank, world_size, store_path, split, extra):
             _check_errors(rank, group, split)
         if "bytes" in extra:
             _check_bytes(rank, group)
+        if "dtensor" in extra:
+            _check_dtensor(rank, group)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -285,8 +316,8 @@ def test_two_ranks_match_one_process_and_check_their_arguments(tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_three_uneven_ranks_match_one_process_and_send_bytes_independent_of_v(tmp_path):
-    _spawn(3, (400, 301, 300), ("bytes",), tmp_path)
+def test_three_uneven_ranks_match_one_process_send_bytes_independent_of_v_and_take_dtensors(tmp_path):
+    _spawn(3, (400, 301, 300), ("bytes", "dtensor"), tmp_path)
 
 
 def test_process_group_must_be_a_process_group():
