@@ -177,6 +177,26 @@ def _check_module_form(rank, group, split):
     assert rel_err(loss, expected) <= 4 * TOLERANCE[torch.float32]
 
 
+def _check_compiled(rank, group, split):
+    """A function calling the vocab-parallel loss compiles with fullgraph=True (the collectives are
+    traced, no graph break) and gives the eager values and gradients."""
+    student, teacher, labels = _inputs(sum(split), torch.float32, seed=17)
+    # standardize puts an all-reduce in the backward too; one compile (CI time).
+    for options in (dict(divergence="jsd", beta=0.4, standardize=True),):
+        def loss_fn(local_student, local_teacher, labels):
+            return fastkd.kd_loss(local_student, local_teacher, labels, process_group=group, **options)
+
+        compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+        local = _slice(student, split, rank).requires_grad_(True)
+        loss = compiled(local, _slice(teacher, split, rank), labels)
+        loss.backward()
+        full = student.clone().requires_grad_(True)
+        expected = fastkd.kd_loss(full, teacher, labels, **options)
+        expected.backward()
+        assert rel_err(loss, expected) <= 4 * TOLERANCE[torch.float32], options
+        assert rel_err(local.grad, _slice(full.grad, split, rank)) <= 4 * TOLERANCE[torch.float32], options
+
+
 def _check_errors(rank, group, split):
     student, teacher, labels = _inputs(sum(split), torch.float32, seed=3)
     local = (_slice(student, split, rank), _slice(teacher, split, rank), labels)
@@ -297,6 +317,8 @@ def _group_main(rank, world_size, store_path, split, extra):
         _check_module_form(rank, group, split)
         if "errors" in extra:
             _check_errors(rank, group, split)
+        if "compile" in extra:
+            _check_compiled(rank, group, split)
         if "bytes" in extra:
             _check_bytes(rank, group)
         if "dtensor" in extra:
@@ -311,8 +333,8 @@ def _spawn(world_size, split, extra, tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_ranks_match_one_process_and_check_their_arguments(tmp_path):
-    _spawn(2, (600, 401), ("errors",), tmp_path)
+def test_two_ranks_match_one_process_check_their_arguments_and_compile(tmp_path):
+    _spawn(2, (600, 401), ("errors", "compile"), tmp_path)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
