@@ -169,6 +169,41 @@ def _check_dkd_edges(rank, group):
     assert rel_err(local.grad.reshape(-1, split[rank])[kept], grad_one) <= 1e-12
 
 
+def _check_masked_columns(rank, group, split):
+    """−inf logits (a masked vocabulary) in both models, covering rank 0's whole slice on some
+    rows: zero probability, zero gradient there, no NaN; the float64 definition over the finite
+    columns. And no rows at all (N = 0): zero loss, empty gradient."""
+    vocab = sum(split)
+    student, teacher, labels = _inputs(vocab, torch.float32, seed=9)
+    finite = torch.ones(vocab, dtype=torch.bool)
+    finite[::7] = False
+    finite[:split[0]] = False
+    finite[0] = True  # one finite column on rank 0 ...
+    student[..., ~finite] = -math.inf
+    teacher[..., ~finite] = -math.inf
+    student[0, 0, 0] = teacher[0, 0, 0] = -math.inf  # ... masked on one row: rank 0 holds nothing there
+    for divergence in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"):
+        local = _slice(student, split, rank).requires_grad_(True)
+        loss = fastkd.kd_loss(local, _slice(teacher, split, rank), labels, divergence=divergence, temperature=2.0,
+                              reduction="none", process_group=group)
+        loss.sum().backward()
+        leaf = student.double().requires_grad_(True)
+        flat_leaf, flat_teacher = leaf.reshape(-1, vocab), teacher.double().reshape(-1, vocab)
+        # Per row, the definition over that row's finite columns (row (0, 0) lacks column 0 too).
+        rows = [row_losses(divergence, flat_leaf[i, kept][None], flat_teacher[i, kept][None], 2.0)[0]
+                for i, kept in enumerate(torch.isfinite(flat_teacher))]
+        expected = torch.where(labels != -100, torch.stack(rows).reshape(labels.shape), 0.0)
+        (grad,) = torch.autograd.grad(expected.sum(), leaf)
+        assert torch.isfinite(loss).all() and torch.isfinite(local.grad).all(), divergence
+        assert rel_err(loss, expected) <= 4 * TOLERANCE[torch.float32], (divergence, rel_err(loss, expected))
+        assert rel_err(local.grad, _slice(grad, split, rank)) <= 4 * TOLERANCE[torch.float32], divergence
+        assert torch.all(local.grad[..., ~_slice(finite, split, rank)] == 0), divergence
+    empty = torch.zeros(0, split[rank], requires_grad=True)
+    loss = fastkd.kd_loss(empty, torch.zeros(0, split[rank]), divergence="jsd", process_group=group)
+    loss.backward()
+    assert loss.item() == 0 and empty.grad.shape == empty.shape
+
+
 def _check_module_form(rank, group, split):
     student, teacher, labels = _inputs(sum(split), torch.float32, seed=5)
     module = fastkd.KDLoss("jsd", beta=0.2, temperature=1.5, process_group=group)
@@ -314,6 +349,7 @@ def _group_main(rank, world_size, store_path, split, extra):
         for seed, (options, dtype) in enumerate(_cases()):
             _check_case(options, dtype, split, rank, group, seed)
         _check_dkd_edges(rank, group)
+        _check_masked_columns(rank, group, split)
         _check_module_form(rank, group, split)
         if "errors" in extra:
             _check_errors(rank, group, split)
