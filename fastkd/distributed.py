@@ -186,7 +186,8 @@ class _Standard:
         squares = torch.zeros(2, n_rows, dtype=dtype, device=device)
         for start, stop in _chunks(n_rows, n_cols):
             for side in range(2):
-                squares[side, start:stop] = (rows(side, start, stop) - self.mean[side, start:stop, None]).square().sum(-1)
+                centred = rows(side, start, stop) - self.mean[side, start:stop, None]
+                squares[side, start:stop] = centred.square().sum(-1)
         _all_reduce(squares, dist.ReduceOp.SUM, group)
         self.std = (squares / (total - 1).clamp(min=1)).sqrt()
         self.denominator = self.std + spec.standardize_eps
@@ -204,7 +205,8 @@ class _Sides:
         """scale·logits, soft-capped (element-wise: no communication needed)."""
         name = ("student", "teacher")[side]
         x = self.inputs[side][start:stop].to(self.dtype)
-        return logit_transforms.scale_and_cap(x, getattr(self.spec, f"{name}_scale"), getattr(self.spec, f"{name}_softcap"))
+        return logit_transforms.scale_and_cap(x, getattr(self.spec, f"{name}_scale"),
+                                              getattr(self.spec, f"{name}_softcap"))
 
     def centred(self, side, start, stop):
         return self.capped(side, start, stop) - self.standard.mean[side, start:stop, None]
