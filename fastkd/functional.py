@@ -87,7 +87,8 @@ def kd_loss(
         backend: "auto", "torch", "triton" or "native"; see ``fastkd.available_backends()``.
         process_group: a ``torch.distributed`` group over which the vocabulary is split: both
             logits are then this rank's contiguous slice of columns (ranks in order, any sizes),
-            labels hold global ids, and the ranks exchange per-row statistics only (see
+            every rank passes the same rows and the same labels (global ids), and the ranks
+            exchange per-row statistics only (see
             fastkd/distributed.py; backend "auto" or "torch"). The result is the loss over the
             whole vocabulary, equal on every rank; the gradient is this rank's slice. DTensor
             logits placed Shard(-1) need no group (their mesh gives it) and give a replicated
