@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import validation
+from . import distributed, validation
 from .divergences import make_spec
 from .kernels import registry
 from .kernels.fused_linear import block_logits
@@ -61,6 +61,7 @@ def kd_loss(
     reduction: str = "mean",
     normalizer: Normalizer = None,
     backend: str = "auto",
+    process_group=None,
 ) -> Tensor:
     """Knowledge-distillation divergence between teacher and student temperature softmaxes.
 
@@ -93,10 +94,20 @@ def kd_loss(
         normalizer: divisor replacing the row count of "mean" (e.g. ``num_items_in_batch``);
             a number or a one-element tensor.
         backend: "auto", "torch", "triton" or "native"; see ``fastkd.available_backends()``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is split: both
+            logits are then this rank's contiguous slice of columns (ranks in order, any sizes),
+            every rank passes the same rows and the same labels (global ids), and the ranks
+            exchange per-row statistics only (see
+            fastkd/distributed.py; backend "auto" or "torch"). The result is the loss over the
+            whole vocabulary, equal on every rank; the gradient is this rank's slice. DTensor
+            logits placed Shard(-1) need no group (their mesh gives it) and give a replicated
+            DTensor loss.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none".
     """
+    student_logits, teacher_logits, labels, process_group, as_dtensor = distributed.unwrap_dtensors(
+        student_logits, teacher_logits, labels, process_group)
     validation.check_logits("student_logits", student_logits)
     validation.check_logits("teacher_logits", teacher_logits)
     validation.check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
@@ -107,16 +118,25 @@ def kd_loss(
     spec = make_spec(divergence, temperature, beta, skew, alpha=alpha, student_logit_scale=student_logit_scale,
                      student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
                      teacher_softcap=teacher_softcap, standardize=standardize, standardize_eps=standardize_eps)
-    _check_labels_for(spec, labels, student_logits.shape[-1])
-    backend = registry.select("kd_rows", backend, device, (student_logits.dtype, teacher_logits.dtype),
-                              spec.features)
-    options = KDOptions(spec, ignore_index, backend)
-
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    row_loss = kd_rows(as_rows(student_logits), as_rows(teacher_logits), flat_labels, options)[0]
+    if process_group is not None:
+        # This rank sees a slice of the vocabulary: dkd's V ≥ 2 holds for the whole, not checked here.
+        _check_labels_for(spec, labels, 2)
+        distributed.check_process_group(process_group, device, backend)
+        vocab = student_logits.shape[-1]
+        row_loss = distributed.kd_rows_vocab_parallel(student_logits.reshape(-1, vocab),
+                                                      teacher_logits.reshape(-1, vocab), flat_labels, spec,
+                                                      ignore_index, process_group)
+    else:
+        _check_labels_for(spec, labels, student_logits.shape[-1])
+        backend = registry.select("kd_rows", backend, device, (student_logits.dtype, teacher_logits.dtype),
+                                  spec.features)
+        options = KDOptions(spec, ignore_index, backend)
+        row_loss = kd_rows(as_rows(student_logits), as_rows(teacher_logits), flat_labels, options)[0]
     if temperature_squared:
         row_loss = row_loss * (spec.temperature ** 2)
-    return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+    loss = reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+    return loss if as_dtensor is None else as_dtensor(loss)
 
 
 def sparse_kd_loss(

@@ -34,14 +34,16 @@ def _spec_options(divergence, temperature, beta, skew, alpha, transforms):
 class KDLoss(_LossModule):
     """:func:`fastkd.kd_loss`. ``forward(student_logits, teacher_logits, labels=None, *, normalizer=None)``.
     ``transforms``: student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
-    standardize, standardize_eps, as :func:`fastkd.kd_loss` takes them."""
+    standardize, standardize_eps, as :func:`fastkd.kd_loss` takes them. ``process_group``: the
+    group the vocabulary is split over (vocab-parallel logits), as :func:`fastkd.kd_loss` takes it."""
 
     def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: Optional[float] = None,
                  skew: float = 0.1, alpha: Optional[float] = None, temperature_squared: bool = False,
-                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", **transforms):
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", process_group=None,
+                 **transforms):
         super().__init__(**_spec_options(divergence, temperature, beta, skew, alpha, transforms),
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
-                         backend=backend)
+                         backend=backend, process_group=process_group)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                 normalizer: Normalizer = None) -> Tensor:

@@ -145,3 +145,14 @@ def test_fused_linear_with_a_gemma_style_softcap(reduction):
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call(_logits(2, 5), _logits(2, 5))
+
+
+@pytest.mark.parametrize("backend", _backends("softcap"))
+def test_a_side_without_transforms_keeps_its_logits(backend):
+    # The torch backend once divided the untransformed side's logits by T in place (the caller's tensor).
+    student, teacher = _logits(4, 50), _logits(4, 50)
+    kept = teacher.clone()
+    loss = fastkd.kd_loss(student, teacher, temperature=2.0, student_softcap=5.0, backend=backend)
+    assert torch.equal(teacher, kept)
+    ref = row_losses("forward_kl", capped(student.double(), 1.0, 5.0), teacher.double(), 2.0).mean()
+    assert rel_err(loss, ref) < 1e-5

@@ -41,7 +41,8 @@ def _side_logits(x, spec, side, dtype, scratch):
     if not spec.transforms_logits:
         return _scaled(x, spec.inv_temperature, dtype, scratch)
     transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side))
-    return transformed.mul_(spec.inv_temperature)
+    # Out of place: a side without transforms gets x itself back, the caller's logits.
+    return torch.mul(transformed, spec.inv_temperature, out=scratch(x, dtype))
 
 
 def _transform_args(spec, side):
