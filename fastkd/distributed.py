@@ -39,9 +39,10 @@ _BACKEND_DEVICES = {"gloo": ("cpu", "cuda"), "nccl": ("cuda",), "mpi": ("cpu",),
                     "xccl": ("xpu",)}
 
 
-def check_process_group(group, device, backend):
+def check_process_group(group, device):
     """A usable group for tensors on ``device``: initialised, this process a member, a collective
-    backend that serves the device type; and the fastkd ``backend`` one this path honours."""
+    backend that serves the device type. (The fastkd backend is the registry's choice: family
+    "kd_rows_vocab_parallel".)"""
     if not dist.is_available():
         raise RuntimeError("process_group needs torch.distributed, which this PyTorch build lacks")
     if not isinstance(group, dist.ProcessGroup):
@@ -56,9 +57,6 @@ def check_process_group(group, device, backend):
         raise ValueError(f"process_group's backend {dist.get_backend(group)!r} cannot all-reduce tensors on "
                          f"{device.type!r} devices (the logits' device); use a group whose backend serves it "
                          f"(gloo for CPU tensors, nccl for CUDA tensors)")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend={backend!r} has no vocab-parallel kernels; with process_group the loss runs "
-                         f"fastkd's PyTorch vocab-parallel path: pass backend='auto' or 'torch'")
 
 
 def _served_devices(name):

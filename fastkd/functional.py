@@ -122,7 +122,9 @@ def kd_loss(
     if process_group is not None:
         # This rank sees a slice of the vocabulary: dkd's V ≥ 2 holds for the whole, not checked here.
         _check_labels_for(spec, labels, 2)
-        distributed.check_process_group(process_group, device, backend)
+        distributed.check_process_group(process_group, device)
+        registry.select("kd_rows_vocab_parallel", backend, device, (student_logits.dtype, teacher_logits.dtype),
+                        spec.features)
         vocab = student_logits.shape[-1]
         row_loss = distributed.kd_rows_vocab_parallel(student_logits.reshape(-1, vocab),
                                                       teacher_logits.reshape(-1, vocab), flat_labels, spec,

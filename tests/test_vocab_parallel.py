@@ -13,8 +13,10 @@ import torch.multiprocessing as mp
 
 import fastkd
 from conftest import TOLERANCE
+from fastkd.kernels import registry
 from reference import reduce, rel_err, row_losses
 
+VOCAB_PARALLEL_BACKENDS = registry.usable_backends("kd_rows_vocab_parallel", "cpu")
 N_SHAPE = (2, 3)  # leading shape: N = 6 rows
 
 
@@ -113,7 +115,7 @@ def _slice(x, split, rank):
     return x[..., start:start + split[rank]].contiguous()
 
 
-def _check_case(options, dtype, split, rank, group, seed):
+def _check_case(options, dtype, split, rank, group, seed, backend):
     student, teacher, labels = _inputs(sum(split), dtype, seed)
     reduction = options.get("reduction", "mean")
     generator = torch.Generator().manual_seed(seed + 1)
@@ -125,7 +127,8 @@ def _check_case(options, dtype, split, rank, group, seed):
     ref_loss, ref_grad = reference(student, teacher, labels, options, grad_output)
 
     local = _slice(student, split, rank).requires_grad_(True)
-    loss = fastkd.kd_loss(local, _slice(teacher, split, rank), labels, process_group=group, **options)
+    loss = fastkd.kd_loss(local, _slice(teacher, split, rank), labels, process_group=group, backend=backend,
+                          **options)
     loss.backward(grad_output)
 
     where = f"rank {rank}, {options}, {dtype}"
@@ -235,7 +238,7 @@ def _check_compiled(rank, group, split):
 def _check_errors(rank, group, split):
     student, teacher, labels = _inputs(sum(split), torch.float32, seed=3)
     local = (_slice(student, split, rank), _slice(teacher, split, rank), labels)
-    with pytest.raises(ValueError, match="backend='native' has no vocab-parallel"):
+    with pytest.raises(ValueError, match="backend='native' has no kd_rows_vocab_parallel kernels"):
         fastkd.kd_loss(*local, backend="native", process_group=group)
     with pytest.raises(ValueError, match="divergence='dkd' needs labels"):
         fastkd.kd_loss(*local[:2], divergence="dkd", process_group=group)
@@ -340,14 +343,14 @@ def _check_bytes(rank, group):
 # ---------------------------------------------------------------------------------------------
 
 
-def _group_main(rank, world_size, store_path, split, extra):
+def _group_main(rank, world_size, store_path, split, extra, backend):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     try:
         group = dist.group.WORLD
         for seed, (options, dtype) in enumerate(_cases()):
-            _check_case(options, dtype, split, rank, group, seed)
+            _check_case(options, dtype, split, rank, group, seed, backend)
         _check_dkd_edges(rank, group)
         _check_masked_columns(rank, group, split)
         _check_module_form(rank, group, split)
@@ -364,18 +367,23 @@ def _group_main(rank, world_size, store_path, split, extra):
         dist.destroy_process_group()
 
 
-def _spawn(world_size, split, extra, tmp_path):
-    mp.spawn(_group_main, args=(world_size, str(tmp_path / "store"), split, extra), nprocs=world_size, join=True)
+def _spawn(world_size, split, extra, tmp_path, backend):
+    mp.spawn(_group_main, args=(world_size, str(tmp_path / "store"), split, extra, backend), nprocs=world_size,
+             join=True)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_ranks_match_one_process_check_their_arguments_and_compile(tmp_path):
-    _spawn(2, (600, 401), ("errors", "compile"), tmp_path)
+@pytest.mark.family("kd_rows_vocab_parallel")
+@pytest.mark.parametrize("backend", VOCAB_PARALLEL_BACKENDS)
+def test_two_ranks_match_one_process_check_their_arguments_and_compile(tmp_path, backend):
+    _spawn(2, (600, 401), ("errors", "compile"), tmp_path, backend)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_three_uneven_ranks_match_one_process_send_bytes_independent_of_v_and_take_dtensors(tmp_path):
-    _spawn(3, (400, 301, 300), ("bytes", "dtensor"), tmp_path)
+@pytest.mark.family("kd_rows_vocab_parallel")
+@pytest.mark.parametrize("backend", VOCAB_PARALLEL_BACKENDS)
+def test_three_uneven_ranks_match_one_process_send_bytes_independent_of_v_and_take_dtensors(tmp_path, backend):
+    _spawn(3, (400, 301, 300), ("bytes", "dtensor"), tmp_path, backend)
 
 
 def test_process_group_must_be_a_process_group():

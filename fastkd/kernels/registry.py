@@ -30,6 +30,7 @@ FAMILIES = {
     "kd_rows": "divergences of temperature softmaxes from logits (kd_loss and the fused losses)",
     "kl_div": "torch.nn.KLDivLoss terms (compat.kl_div)",
     "ce": "hard-label cross-entropy rows (hard_weight of the fused losses)",
+    "kd_rows_vocab_parallel": "kd_loss over a vocabulary split across a process group (process_group=)",
     "sparse_kd": "divergences against a top-k teacher",
     "sinkhorn": "the batched Sinkhorn forward",
     "sinkhorn_backward": "the Sinkhorn gradients",
@@ -82,6 +83,9 @@ ROWS = (
     Implementation("ce", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native_ce"),
     Implementation("ce", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native_ce"),
     Implementation("ce", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch"),
+
+    Implementation("kd_rows_vocab_parallel", "torch", None, _ALL_FLOATS, 10, "fastkd.distributed",
+                   features=FEATURES),
 
     Implementation("sparse_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SPARSE),
     Implementation("sparse_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SPARSE,
