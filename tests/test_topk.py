@@ -16,10 +16,11 @@ from reference import rel_err
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    # Blocks of 8 rows × 100 vocabulary entries: every test crosses row and vocabulary blocks, and
-    # the last vocabulary block is partial (V is never a multiple of 100 below).
-    monkeypatch.setitem(topk_torch.BLOCK_ELEMENTS, DEVICE.type, 800)
-    monkeypatch.setitem(topk_torch.VOCAB_BLOCK, DEVICE.type, 100)
+    # Vocabulary blocks of ≥ 40 entries (≥ k) and as many rows as 400 elements hold: every test
+    # crosses row and vocabulary blocks, blocks of unequal widths, and the intermediate
+    # merges of the candidate slots (more blocks than slots).
+    monkeypatch.setitem(topk_torch.BLOCK_ELEMENTS, DEVICE.type, 400)
+    monkeypatch.setitem(topk_torch.VOCAB_BLOCK, DEVICE.type, 40)
 
 
 def _reference_logprobs(hidden, weight, bias, temperature, vocab):

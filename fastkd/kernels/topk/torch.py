@@ -1,12 +1,14 @@
 """Pure-PyTorch implementation of the topk family: per row, the k largest log-probabilities of
 softmax(hidden @ weight.T / T) over the whole vocabulary, and their ids, without the (N, V) logits.
 
-The rows are processed in blocks of C rows × Vb vocabulary entries. Each block's logits come from
-one matmul; the block then updates, per row, a running log-sum-exp (logaddexp of the block's) and
-a running top-k (the block's own top-k merged with the running one by one top-k over the ≤ 2k
-candidates; blocks are disjoint in the vocabulary, so ids never repeat). The log-probabilities are
-the kept logits minus the final log-sum-exp. Memory beyond the (N, k) outputs: a few (C, Vb) and
-(C, 2k) blocks, independent of N and V.
+The rows are processed in blocks of C rows × Vb vocabulary entries (Vb ≥ k). Each block's logits
+come from one matmul; one log_softmax pass gives the block's log-sum-exp, and one top-k its k best
+logits and ids, written into the next free slot of a (S, C, k) candidate buffer. When the slots
+are full they are merged (one top-k over the S·k candidates of a row) into the first slot. Blocks
+are disjoint in the vocabulary, so ids never repeat. At the end of the row block the candidates
+are merged once more, the block log-sum-exps combined, and the log-probabilities are the kept
+logits minus that. Memory beyond the (N, k) outputs: two (C, Vb) blocks and the buffer of about
+one block, independent of N and V.
 
 Ranking by logits / T is ranking by logits (T > 0), so the ids do not depend on T. Among equal
 logits, which id is kept is torch.topk's choice (unspecified); the values are the same either way.
@@ -19,22 +21,39 @@ import torch
 from ..layout import compute_dtype
 from .contract import PAD_ID
 
-# Elements of one (C, Vb) logit block, per device type (fp32: 8 MiB on a CPU, 1 GiB on a GPU),
-# and the widest vocabulary block: a few blocks per row keep the merges cheap while each matmul
-# stays large enough to run at the GEMM rate.
-BLOCK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 21}
-VOCAB_BLOCK = {"cuda": 1 << 15, "cpu": 1 << 13}
+# Elements of one (C, Vb) logit block, per device type (fp32: 16 MiB on a CPU, 256 MiB on a GPU;
+# two are live, the logits and their log_softmax), and the narrowest vocabulary block. Few, large
+# blocks: each block costs a handful of ops, and on a loaded 2-core CPU every op pays for waking
+# its threads (N=2048, H=512, V=32000, k=64, 2026-12-06: 1024 × 4096 blocks 3.5 s, 2048 × 1024
+# blocks 5.5 s, against 1.7 s for the GEMM alone).
+BLOCK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
+VOCAB_BLOCK = {"cuda": 1 << 14, "cpu": 1 << 12}
 
 
-def block_shape(n_rows, vocab, device):
-    """(rows C, vocabulary Vb) of one block for ``device``."""
-    budget = BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
-    cols = min(vocab, VOCAB_BLOCK.get(device.type, VOCAB_BLOCK["cpu"]))
-    return max(1, min(n_rows, budget // cols)), cols
+def vocab_blocks(vocab, top_k, device):
+    """Boundaries of the vocabulary blocks: as even as possible, none narrower than k (or the
+    VOCAB_BLOCK of ``device``, when V allows), so every block fills one candidate slot."""
+    width = min(vocab, max(top_k, VOCAB_BLOCK.get(device.type, VOCAB_BLOCK["cpu"])))
+    count = max(1, vocab // width)
+    return [vocab * i // count for i in range(count + 1)]
 
 
 def _logits(hidden, weight, bias):
     return torch.matmul(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+def _merge(values, indices, offsets, filled, top_k):
+    """Top-k over the first ``filled`` slots of (S, C, k) candidates, whose ids are relative to
+    their slot's ``offsets`` (S,): ((C, k) values, (C, k) vocabulary ids)."""
+    rows = values.shape[1]
+    best, position = values[:filled].transpose(0, 1).reshape(rows, -1).topk(top_k, dim=-1)
+    local = indices[:filled].transpose(0, 1).reshape(rows, -1).gather(1, position)
+    return best, local + offsets[position // top_k]
+
+
+def _offsets(starts, first, filled):
+    """(filled,) first ids of the slots' blocks: 0 for slot 0, then blocks first, first + 1, …"""
+    return torch.cat([starts[:1] * 0, starts[first:first + filled - 1]])
 
 
 def linear_topk(hidden, weight, bias, labels, top_k, temperature, ignore_index):
@@ -46,17 +65,34 @@ def linear_topk(hidden, weight, bias, labels, top_k, temperature, ignore_index):
     order of log-probability; rows whose label is ``ignore_index`` hold PAD_ID and -inf.
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    dtype = compute_dtype(hidden)
+    device, dtype = hidden.device, compute_dtype(hidden)
     inv_temperature = 1.0 / temperature
-    indices = torch.empty(n_rows, top_k, dtype=torch.int64, device=hidden.device)
-    values = torch.empty(n_rows, top_k, dtype=dtype, device=hidden.device)
-    rows, cols = block_shape(n_rows, vocab, hidden.device)
+    bounds = vocab_blocks(vocab, top_k, device)
+    n_blocks, widest = len(bounds) - 1, max(b - a for a, b in zip(bounds, bounds[1:]))
+    rows = max(1, min(n_rows, BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"]) // widest))
+    rows = -(-n_rows // -(-n_rows // rows)) if n_rows else 1  # even blocks: 2 × 1024 rows, not 2032 + 16
+    # S slots: candidates of about a quarter of a block's elements (values and int64 ids: ¾ of its
+    # bytes), and at least two (the running best and a new block).
+    slots = min(n_blocks, max(2, widest // (4 * top_k)))
+    # The blocks' first ids, made on the device (bounds' formula): no host-to-device copy.
+    starts = torch.arange(n_blocks, device=device) * vocab // n_blocks
+    indices = torch.empty(n_rows, top_k, dtype=torch.int64, device=device)
+    values = torch.empty(n_rows, top_k, dtype=dtype, device=device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         block_hidden = hidden[start:stop]
-        best_values = best_indices = log_sum = None
-        for v_start in range(0, vocab, cols):
-            v_stop = min(v_start + cols, vocab)
+        slot_values = torch.empty(slots, stop - start, top_k, dtype=dtype, device=device)
+        slot_indices = torch.empty(slots, stop - start, top_k, dtype=torch.int64, device=device)
+        block_log_sums = torch.empty(n_blocks, stop - start, dtype=dtype, device=device)
+        # Each slot's ids count from its block's first id, added once per merge rather than once
+        # per block: slot 0 holds block 0, later the merged (vocabulary) ids, both from 0; slots
+        # 1, 2, … hold blocks first, first + 1, ….
+        filled, first = 0, 1
+        for block, (v_start, v_stop) in enumerate(zip(bounds, bounds[1:])):
+            if filled == slots:
+                slot_values[0], slot_indices[0] = _merge(slot_values, slot_indices,
+                                                         _offsets(starts, first, filled), filled, top_k)
+                filled, first = 1, block
             block_weight = weight[v_start:v_stop]
             if block_weight.dtype != hidden.dtype:
                 # An lm_head kept in another dtype (fp32 next to bf16 activations) is cast block by
@@ -66,18 +102,14 @@ def linear_topk(hidden, weight, bias, labels, top_k, temperature, ignore_index):
             z = _logits(block_hidden, block_weight, block_bias).to(dtype)
             if inv_temperature != 1.0:
                 z.mul_(inv_temperature)
-            block_log_sum = torch.logsumexp(z, -1)
-            log_sum = block_log_sum if log_sum is None else torch.logaddexp(log_sum, block_log_sum)
-            block_values, block_indices = z.topk(min(top_k, v_stop - v_start), dim=-1)
-            block_indices += v_start
-            if best_values is None:
-                best_values, best_indices = block_values, block_indices
-                continue
-            candidates = torch.cat([best_values, block_values], 1)
-            candidate_indices = torch.cat([best_indices, block_indices], 1)
-            best_values, position = candidates.topk(min(top_k, candidates.shape[1]), dim=-1)
-            best_indices = candidate_indices.gather(1, position)
-        values[start:stop] = best_values - log_sum[:, None]
+            torch.topk(z, top_k, dim=-1, out=(slot_values[filled], slot_indices[filled]))
+            # One fused log_softmax pass gives the block's log-sum-exp (torch.logsumexp takes
+            # several passes, 3-4× slower on a CPU): at the block's best entry lse = z − log_softmax.
+            best_log_prob = torch.log_softmax(z, -1).gather(1, slot_indices[filled, :, :1])
+            block_log_sums[block] = slot_values[filled, :, 0] - best_log_prob[:, 0]
+            filled += 1
+        best, best_indices = _merge(slot_values, slot_indices, _offsets(starts, first, filled), filled, top_k)
+        values[start:stop] = best - torch.logsumexp(block_log_sums, 0)[:, None]
         indices[start:stop] = best_indices
     if labels is not None:
         ignored = (labels == ignore_index)[:, None]
