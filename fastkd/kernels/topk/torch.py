@@ -7,8 +7,8 @@ logits and ids, written into the next free slot of a (S, C, k) candidate buffer.
 are full they are merged (one top-k over the S·k candidates of a row) into the first slot. Blocks
 are disjoint in the vocabulary, so ids never repeat. At the end of the row block the candidates
 are merged once more, the block log-sum-exps combined, and the log-probabilities are the kept
-logits minus that. Memory beyond the (N, k) outputs: two (C, Vb) blocks and the buffer of about
-one block, independent of N and V.
+logits minus that. Memory beyond the (N, k) outputs: two (C, Vb) blocks and a candidate buffer
+of about a quarter of a block's elements, independent of N and V.
 
 Ranking by logits / T is ranking by logits (T > 0), so the ids do not depend on T. Among equal
 logits, which id is kept is torch.topk's choice (unspecified); the values are the same either way.
@@ -21,13 +21,14 @@ import torch
 from ..layout import compute_dtype
 from .contract import PAD_ID
 
-# Elements of one (C, Vb) logit block, per device type (fp32: 16 MiB on a CPU, 256 MiB on a GPU;
-# two are live, the logits and their log_softmax), and the narrowest vocabulary block. Few, large
-# blocks: each block costs a handful of ops, and on a loaded 2-core CPU every op pays for waking
-# its threads (N=2048, H=512, V=32000, k=64, 2026-12-06: 1024 × 4096 blocks 3.5 s, 2048 × 1024
-# blocks 5.5 s, against 1.7 s for the GEMM alone).
+# Elements of one (C, Vb) logit block, per device type (fp32: 32 MiB on a CPU, 256 MiB on a GPU;
+# two are live, the logits and their log_softmax), and the narrowest vocabulary block. Two costs
+# pull apart: torch.topk costs more per element on short rows (2.4× at 4571 columns than at
+# 32000), and a matmul with few rows runs below the GEMM's rate. Measured on the 2-core CPU
+# (2026-12-06, N=2048, H=512, V=32000, k=64, loaded machine, medians of 3): 1024 × 8192 blocks
+# 2.74 s, 512 × 8192 3.00 s, 1024 × 4096 3.13 s, 2048 × 1024 5.5 s; eager 2.30 s, the GEMM 1.50 s.
 BLOCK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
-VOCAB_BLOCK = {"cuda": 1 << 14, "cpu": 1 << 12}
+VOCAB_BLOCK = {"cuda": 1 << 14, "cpu": 1 << 13}
 
 
 def vocab_blocks(vocab, top_k, device):
@@ -38,8 +39,15 @@ def vocab_blocks(vocab, top_k, device):
     return [vocab * i // count for i in range(count + 1)]
 
 
-def _logits(hidden, weight, bias):
-    return torch.matmul(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
+def _logits(hidden, weight, bias, out):
+    """hidden @ weight.T (+ bias) into ``out``, through a temporary where ``out`` has another
+    dtype (bf16 logits into fp32: the teacher's own logits are bf16)."""
+    if out.dtype != hidden.dtype:
+        return out.copy_(_logits(hidden, weight, bias, torch.empty(out.shape, dtype=hidden.dtype,
+                                                                   device=out.device)))
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
 def _merge(values, indices, offsets, filled, top_k):
@@ -78,12 +86,18 @@ def linear_topk(hidden, weight, bias, labels, top_k, temperature, ignore_index):
     starts = torch.arange(n_blocks, device=device) * vocab // n_blocks
     indices = torch.empty(n_rows, top_k, dtype=torch.int64, device=device)
     values = torch.empty(n_rows, top_k, dtype=dtype, device=device)
+    # One workspace for the whole call, each block a contiguous view of its front: allocating
+    # per block lets the CPU heap fragment, and the resident peak then grows with N.
+    logits_space = torch.empty(rows * widest, dtype=dtype, device=device)
+    log_probs_space = torch.empty(rows * widest, dtype=dtype, device=device)
+    all_slot_values = torch.empty(slots, rows, top_k, dtype=dtype, device=device)
+    all_slot_indices = torch.empty(slots, rows, top_k, dtype=torch.int64, device=device)
+    all_log_sums = torch.empty(n_blocks, rows, dtype=dtype, device=device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         block_hidden = hidden[start:stop]
-        slot_values = torch.empty(slots, stop - start, top_k, dtype=dtype, device=device)
-        slot_indices = torch.empty(slots, stop - start, top_k, dtype=torch.int64, device=device)
-        block_log_sums = torch.empty(n_blocks, stop - start, dtype=dtype, device=device)
+        slot_values, slot_indices = all_slot_values[:, :stop - start], all_slot_indices[:, :stop - start]
+        block_log_sums = all_log_sums[:, :stop - start]
         # Each slot's ids count from its block's first id, added once per merge rather than once
         # per block: slot 0 holds block 0, later the merged (vocabulary) ids, both from 0; slots
         # 1, 2, … hold blocks first, first + 1, ….
@@ -99,13 +113,18 @@ def linear_topk(hidden, weight, bias, labels, top_k, temperature, ignore_index):
                 # block, as autocast would cast it for the matmul, never as a whole (V, H) copy.
                 block_weight = block_weight.to(hidden.dtype)
             block_bias = None if bias is None else bias[v_start:v_stop].to(hidden.dtype)
-            z = _logits(block_hidden, block_weight, block_bias).to(dtype)
+            shape = (stop - start, v_stop - v_start)
+            z = logits_space[:shape[0] * shape[1]].view(shape)
+            _logits(block_hidden, block_weight, block_bias, z)
             if inv_temperature != 1.0:
                 z.mul_(inv_temperature)
             torch.topk(z, top_k, dim=-1, out=(slot_values[filled], slot_indices[filled]))
             # One fused log_softmax pass gives the block's log-sum-exp (torch.logsumexp takes
             # several passes, 3-4× slower on a CPU): at the block's best entry lse = z − log_softmax.
-            best_log_prob = torch.log_softmax(z, -1).gather(1, slot_indices[filled, :, :1])
+            # The aten out= overload writes into the workspace (torch.log_softmax has no out=).
+            log_probs = log_probs_space[:shape[0] * shape[1]].view(shape)
+            torch.ops.aten._log_softmax.out(z, -1, False, out=log_probs)
+            best_log_prob = log_probs.gather(1, slot_indices[filled, :, :1])
             block_log_sums[block] = slot_values[filled, :, 0] - best_log_prob[:, 0]
             filled += 1
         best, best_indices = _merge(slot_values, slot_indices, _offsets(starts, first, filled), filled, top_k)
