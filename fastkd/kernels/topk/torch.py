@@ -21,12 +21,13 @@ import torch
 from ..layout import compute_dtype
 from .contract import PAD_ID
 
-# Elements of one (C, Vb) logit block, per device type (fp32: 32 MiB on a CPU, 256 MiB on a GPU;
-# two are live, the logits and their log_softmax), and the narrowest vocabulary block. Two costs
-# pull apart: torch.topk costs more per element on short rows (2.4× at 4571 columns than at
-# 32000), and a matmul with few rows runs below the GEMM's rate. Measured on the 2-core CPU
-# (2026-12-06, N=2048, H=512, V=32000, k=64, loaded machine, medians of 3): 1024 × 8192 blocks
-# 2.74 s, 512 × 8192 3.00 s, 1024 × 4096 3.13 s, 2048 × 1024 5.5 s; eager 2.30 s, the GEMM 1.50 s.
+# Elements of one (C, Vb) logit block, per device type (fp32: 16 MiB on a CPU, 256 MiB on a GPU;
+# the workspace holds two, the logits and their log_softmax), and the narrowest vocabulary block.
+# Two costs pull apart: torch.topk costs more per element on short rows (2.4× at 4571 columns
+# than at 32000), and a matmul with few rows runs below the GEMM's rate. Measured on the 2-core
+# CPU (2026-12-06, N=2048, H=512, V=32000, k=64, loaded machine, medians of 3): 1024 × 8192
+# blocks 2.74 s, 512 × 8192 3.00 s, 1024 × 4096 3.13 s, 2048 × 1024 5.5 s; eager 2.30 s, the
+# GEMM alone 1.50 s. 512 × 8192 keeps the workspace at 32 MiB.
 BLOCK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 VOCAB_BLOCK = {"cuda": 1 << 14, "cpu": 1 << 13}
 
