@@ -163,6 +163,14 @@ def test_compiles_fullgraph_without_host_synchronisation():
     assert torch.equal(compiled.indices, eager.indices) and torch.equal(compiled.logprobs, eager.logprobs)
 
 
+def test_runs_on_a_device_without_kernels():
+    # "meta" stands in for every device PyTorch has: the fake implementation gives the shapes.
+    hidden, weight = torch.randn(2, 5, 8, device="meta"), torch.randn(40, 8, device="meta")
+    out = fastkd.fused_linear_topk(hidden, weight, 4, labels=torch.zeros(2, 5, dtype=torch.long, device="meta"))
+    assert out.indices.shape == out.logprobs.shape == (2, 5, 4) and out.indices.device.type == "meta"
+    assert (out.indices.dtype, out.logprobs.dtype) == (torch.int64, torch.float32)
+
+
 def test_no_gradient_flows():
     hidden = torch.randn(4, 8, device=DEVICE, requires_grad=True)
     weight = torch.nn.Parameter(torch.randn(30, 8, device=DEVICE))
