@@ -3,7 +3,6 @@ and lm_head, never forming the (N, V) logits, for offline caches and sparse-teac
 
 from typing import NamedTuple, Optional
 
-import torch
 from torch import Tensor
 
 from . import validation
