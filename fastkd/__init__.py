@@ -7,6 +7,8 @@ from .kernels.registry import available_backends
 from .modules import (FusedLinearKDLoss, FusedLinearSparseKDLoss, KDLoss, SinkhornKDLoss, SparseKDLoss, ULDLoss,
                       WassersteinKDLoss)
 from .ot import SinkhornResult, sinkhorn, sinkhorn_kd_loss, uld_loss, wasserstein_kd_loss
+from .topk import TopK, fused_linear_topk
+from .topk_cache import TopKCache, TopKCacheWriter
 
 __version__ = "0.1.0"
 
@@ -14,3 +16,4 @@ __all__ = ["DIVERGENCES", "FusedLinearKDLoss", "FusedLinearSparseKDLoss", "Fused
            "SinkhornResult", "SparseKDLoss", "ULDLoss", "WassersteinKDLoss", "available_backends", "compat",
            "fused_linear_kd_loss", "fused_linear_sparse_kd_loss", "kd_loss", "sinkhorn", "sinkhorn_kd_loss",
            "sparse_kd_loss", "uld_loss", "wasserstein_kd_loss"]
+__all__ += ["TopK", "TopKCache", "TopKCacheWriter", "fused_linear_topk"]

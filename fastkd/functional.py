@@ -1,6 +1,7 @@
 """Public loss functions from logits and from hidden states: argument checks, one backend choice
 per op family (the registry), then one custom-op call each."""
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -149,6 +150,7 @@ def sparse_kd_loss(
     *,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
     temperature_squared: bool = False,
     ignore_index: int = -100,
@@ -170,10 +172,18 @@ def sparse_kd_loss(
         divergence: "forward_kl" KL(p‖q) or "reverse_kl" KL(q‖p).
         missing_mass: "renormalize": both distributions restricted to the top-k support and
             renormalised there; "tail": the teacher's leftover mass 1 − Σp is one more bucket,
-            compared with the student's mass outside the support (temperature must be 1); when the
-            support is the whole vocabulary there is no tail bucket. See
-            fastkd/kernels/sparse/torch.py.
-        temperature: divides the student logits and the teacher log-probs.
+            compared with the student's mass outside the support (temperature must equal
+            teacher_temperature); when the support is the whole vocabulary there is no tail
+            bucket. See fastkd/kernels/sparse/torch.py.
+        temperature: the training temperature T: divides the student logits, and the teacher is
+            taken at T too.
+        teacher_temperature: the temperature T_g the log-probs were computed at (log softmax(z/T_g):
+            a server's sampling temperature, or fused_linear_topk's / the cache's ``temperature``).
+            The teacher at T is p_T ∝ p_g^(T_g/T). "renormalize": exact for any pair (over the
+            support, softmax of (T_g/T)·log p_g is the support-restricted softmax(z/T)). "tail":
+            exact only for T = T_g, when the stored log-probs already are the teacher at T; for
+            T ≠ T_g the leftover mass at T depends on how the mass outside the top-k is spread,
+            which the top-k does not say, so that pair raises instead of guessing.
         validate: also reject repeated ids and positive or NaN log-probs with an error. This reads
             the tensors on the host (a synchronisation, and a graph break under torch.compile):
             for debugging data, off by default.
@@ -183,10 +193,11 @@ def sparse_kd_loss(
     validation.check_logits("student_logits", student_logits)
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
-    spec = _sparse_spec(divergence, temperature, missing_mass)
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
     validation.check_flag("validate", validate)
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, student_logits.device,
                                     validate)
+    teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_logits)
     validation.check_row_options(labels, leading_shape, student_logits.device, ignore_index, reduction, normalizer,
                                  temperature_squared)
     backend = registry.select("sparse_kd", backend, student_logits.device,
@@ -311,6 +322,7 @@ def fused_linear_sparse_kd_loss(
     vocab_size: Optional[int] = None,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
     temperature_squared: bool = False,
     ignore_index: int = -100,
@@ -326,16 +338,17 @@ def fused_linear_sparse_kd_loss(
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
     ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
-    those of :func:`fused_linear_kd_loss`.
+    those of :func:`fused_linear_kd_loss`; ``teacher_temperature`` is that of :func:`sparse_kd_loss`.
     ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term."""
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device
     leading_shape = student_hidden.shape[:-1]
     vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
-    spec = _sparse_spec(divergence, temperature, missing_mass)
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
     validation.check_flag("validate", validate)
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
+    teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_hidden)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
     options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device,
@@ -461,14 +474,29 @@ def _broadcast_rows(value, n_rows, dtype, device):
     return torch.full((n_rows,), value, dtype=dtype, device=device)
 
 
-def _sparse_spec(divergence, temperature, missing_mass):
+def _teacher_at_generation(logprobs, teacher_temperature, like):
+    # The kernels read the teacher as log-probs at T = 1 (divided by T inside). T_g·log p_g is the
+    # teacher's logits up to a per-row constant, so that is what they get; in the compute dtype,
+    # as a bf16 product would round. T_g = 1 (the default) costs nothing.
+    if teacher_temperature == 1.0:
+        return logprobs
+    return logprobs.to(compute_dtype(like, logprobs)) * float(teacher_temperature)
+
+
+def _sparse_spec(divergence, temperature, missing_mass, teacher_temperature=1.0):
     if divergence not in SPARSE_DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)} with a sparse teacher; "
                          f"got {divergence!r}")
     if missing_mass not in MISSING_MASS:
         raise ValueError(f"missing_mass must be one of {', '.join(map(repr, MISSING_MASS))}; got {missing_mass!r}")
     spec = make_spec(divergence, temperature)
-    if missing_mass == "tail" and spec.temperature != 1.0:
-        raise ValueError(f"missing_mass='tail' needs temperature=1 (the teacher's leftover mass at another "
-                         f"temperature is unknown from its top-k); got temperature={temperature}")
+    if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float)):
+        raise TypeError(f"teacher_temperature must be a Python number; got {type(teacher_temperature).__name__}")
+    if not (math.isfinite(teacher_temperature) and teacher_temperature > 0):
+        raise ValueError(f"teacher_temperature must be a finite number > 0 (the temperature the log-probs were "
+                         f"computed at); got {teacher_temperature}")
+    if missing_mass == "tail" and spec.temperature != teacher_temperature:
+        raise ValueError(f"missing_mass='tail' needs temperature == teacher_temperature (the teacher's leftover "
+                         f"mass at another temperature than the one its log-probs were computed at is unknown from "
+                         f"its top-k); got temperature={temperature}, teacher_temperature={teacher_temperature}")
     return spec

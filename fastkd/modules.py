@@ -79,13 +79,13 @@ class SparseKDLoss(_LossModule):
     """:func:`fastkd.sparse_kd_loss`. ``forward(student_logits, teacher_indices, teacher_logprobs,
     labels=None, *, normalizer=None)``."""
 
-    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, missing_mass: str = "renormalize",
-                 temperature_squared: bool = False, ignore_index: int = -100, reduction: str = "mean",
-                 validate: bool = False, backend: str = "auto"):
-        super().__init__(divergence=divergence, temperature=temperature, missing_mass=missing_mass,
-                         temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
-                         validate=validate, backend=backend)
-        functional._sparse_spec(divergence, temperature, missing_mass)
+    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, teacher_temperature: float = 1.0,
+                 missing_mass: str = "renormalize", temperature_squared: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean", validate: bool = False, backend: str = "auto"):
+        super().__init__(divergence=divergence, temperature=temperature, teacher_temperature=teacher_temperature,
+                         missing_mass=missing_mass, temperature_squared=temperature_squared,
+                         ignore_index=ignore_index, reduction=reduction, validate=validate, backend=backend)
+        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
 
     def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
                 labels: Optional[Tensor] = None, *, normalizer: Normalizer = None) -> Tensor:
@@ -98,16 +98,16 @@ class FusedLinearSparseKDLoss(_LossModule):
     teacher_indices, teacher_logprobs, labels=None, *, student_bias=None, normalizer=None)``."""
 
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
-                 vocab_size: Optional[int] = None, temperature: float = 1.0, missing_mass: str = "renormalize",
-                 temperature_squared: bool = False, ignore_index: int = -100, reduction: str = "mean",
-                 return_components: bool = False, return_entropy: bool = False, fp32_logits: Optional[bool] = None,
-                 validate: bool = False, backend: str = "auto"):
+                 vocab_size: Optional[int] = None, temperature: float = 1.0, teacher_temperature: float = 1.0,
+                 missing_mass: str = "renormalize", temperature_squared: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean", return_components: bool = False, return_entropy: bool = False,
+                 fp32_logits: Optional[bool] = None, validate: bool = False, backend: str = "auto"):
         super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
-                         vocab_size=vocab_size, temperature=temperature, missing_mass=missing_mass,
-                         temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
-                         return_components=return_components, return_entropy=return_entropy,
-                         fp32_logits=fp32_logits, validate=validate, backend=backend)
-        functional._sparse_spec(divergence, temperature, missing_mass)
+                         vocab_size=vocab_size, temperature=temperature, teacher_temperature=teacher_temperature,
+                         missing_mass=missing_mass, temperature_squared=temperature_squared,
+                         ignore_index=ignore_index, reduction=reduction, return_components=return_components,
+                         return_entropy=return_entropy, fp32_logits=fp32_logits, validate=validate, backend=backend)
+        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
                 teacher_logprobs: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,

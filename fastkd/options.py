@@ -63,3 +63,13 @@ class SinkhornOptions:
     grad: str  # "envelope", "unrolled" or "none"
     return_plan: bool
     backend: str
+
+
+@dataclass(frozen=True)
+class TopKOptions:
+    """topk: a teacher's top-k log-probabilities from its hidden states and lm_head."""
+
+    top_k: int
+    temperature: float
+    ignore_index: int
+    backend: str

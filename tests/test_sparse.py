@@ -159,3 +159,91 @@ def test_ids_out_of_range_make_their_row_nan_without_a_sync(backend):
     (grad,) = torch.autograd.grad(loss.sum(), student)
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).all()
+
+
+def _dense_reference(divergence, student, teacher_logits, indices, temperature, missing_mass):
+    """float64 per-row losses from the dense teacher logits at T, restricted to the stored support
+    (renormalize) or with everything outside it as one bucket (tail)."""
+    s, z = student.double() / temperature, teacher_logits.double() / temperature
+    outside = torch.ones_like(s, dtype=torch.bool).scatter_(1, indices, False)
+    if missing_mass == "renormalize":
+        log_p = z.masked_fill(outside, -math.inf).log_softmax(-1).gather(1, indices)
+        log_q = s.masked_fill(outside, -math.inf).log_softmax(-1).gather(1, indices)
+    else:
+        p, q = z.softmax(-1), s.softmax(-1)
+        log_p = torch.cat([p.gather(1, indices), (p * outside).sum(-1, keepdim=True)], 1).log()
+        log_q = torch.cat([q.gather(1, indices), (q * outside).sum(-1, keepdim=True)], 1).log()
+    a, b = (log_p, log_q) if divergence == "forward_kl" else (log_q, log_p)
+    return (a.exp() * (a - b)).sum(-1)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("missing_mass,temperature,teacher_temperature",
+                         [("renormalize", 1.0, 0.6), ("renormalize", 2.0, 0.6), ("renormalize", 0.5, 1.5),
+                          ("tail", 0.6, 0.6), ("tail", 2.0, 2.0)])
+@pytest.mark.parametrize("logprobs_dtype", [torch.float32, torch.bfloat16])
+def test_teacher_temperature_retempers_the_stored_teacher(divergence, missing_mass, temperature,
+                                                          teacher_temperature, logprobs_dtype):
+    # Log-probs stored at T_g from dense teacher logits z; the loss at T against the dense
+    # teacher softmax(z / T) restricted to the support (or with its tail bucket).
+    vocab, top_k = 211, 13
+    teacher = torch.randn(9, vocab, dtype=torch.float64, device=DEVICE) * 3
+    logprobs, indices = (teacher / teacher_temperature).log_softmax(-1).topk(top_k, dim=-1)
+    student = (torch.randn(9, vocab, device=DEVICE) * 2).requires_grad_(True)
+    grad_output = torch.rand(9, device=DEVICE) + 0.5
+    stored = logprobs.to(logprobs_dtype)
+    loss = fastkd.sparse_kd_loss(student, indices, stored, divergence=divergence, temperature=temperature,
+                                 teacher_temperature=teacher_temperature, missing_mass=missing_mass, reduction="none")
+    (grad,) = torch.autograd.grad(loss, student, grad_output)
+    ref_student = student.detach().double().requires_grad_(True)
+    # The reference's teacher: the dense logits; for bf16-rounded log-probs, what they still say:
+    # T_g·log p_g on the support (the logits up to a row constant), or for the tail (T = T_g) the
+    # stored probabilities themselves.
+    if logprobs_dtype == torch.float32:
+        ref = _dense_reference(divergence, ref_student, teacher, indices, temperature, missing_mass)
+    elif missing_mass == "renormalize":
+        support_logits = torch.full_like(teacher, -math.inf).scatter(1, indices, stored.double() * teacher_temperature)
+        ref = _dense_reference(divergence, ref_student, support_logits, indices, temperature, missing_mass)
+    else:
+        ref = reference_rows(ref_student, indices, stored.double(), divergence, temperature, "tail")
+    (ref_grad,) = torch.autograd.grad(ref, ref_student, grad_output.double())
+    assert rel_err(loss, ref) < 2e-5
+    assert rel_err(grad, ref_grad) < 2e-5
+
+
+def test_teacher_temperature_in_the_fused_loss_and_the_modules():
+    vocab, top_k = 150, 7
+    teacher = torch.randn(6, vocab, dtype=torch.float64, device=DEVICE) * 2
+    logprobs, indices = (teacher / 0.7).log_softmax(-1).topk(top_k, dim=-1)
+    hidden = torch.randn(6, 12, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(vocab, 12, dtype=torch.float64, device=DEVICE) * 0.5
+    options = dict(divergence="reverse_kl", temperature=1.3, teacher_temperature=0.7)
+    loss = fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs, **options)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    ref_hidden = hidden.detach().requires_grad_(True)
+    ref = _dense_reference("reverse_kl", ref_hidden @ weight.t(), teacher, indices, 1.3, "renormalize").mean()
+    (ref_grad,) = torch.autograd.grad(ref, ref_hidden)
+    assert rel_err(loss, ref) < 1e-10 and rel_err(grad, ref_grad) < 1e-10
+    module = fastkd.FusedLinearSparseKDLoss(**options)
+    assert "teacher_temperature=0.7" in repr(module)
+    assert torch.equal(module(hidden, weight, indices, logprobs), loss)
+    student = hidden.detach() @ weight.t()
+    assert torch.equal(fastkd.SparseKDLoss(**options)(student, indices, logprobs),
+                       fastkd.sparse_kd_loss(student, indices, logprobs, **options))
+
+
+@pytest.mark.parametrize("options,error,words", [
+    (dict(missing_mass="tail", temperature=1.0, teacher_temperature=0.7), ValueError,
+     ["missing_mass='tail'", "temperature == teacher_temperature", "teacher_temperature=0.7"]),
+    (dict(teacher_temperature=0.0), ValueError, ["teacher_temperature", "> 0"]),
+    (dict(teacher_temperature=math.inf), ValueError, ["teacher_temperature", "finite"]),
+    (dict(teacher_temperature="1"), TypeError, ["teacher_temperature"]),
+])
+def test_teacher_temperature_refuses_what_is_not_exact(options, error, words):
+    indices, logprobs = _top_k_teacher(3, 11, 2)
+    for call in (lambda: fastkd.sparse_kd_loss(torch.randn(3, 11, device=DEVICE), indices, logprobs, **options),
+                 lambda: fastkd.SparseKDLoss(**options)):
+        with pytest.raises(error) as info:
+            call()
+        for word in words:
+            assert word in str(info.value), f"{word!r} missing from: {info.value}"

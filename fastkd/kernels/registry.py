@@ -34,6 +34,7 @@ FAMILIES = {
     "sparse_kd": "divergences against a top-k teacher",
     "sinkhorn": "the batched Sinkhorn forward",
     "sinkhorn_backward": "the Sinkhorn gradients",
+    "topk": "a teacher's top-k log-probabilities from hidden states (fused_linear_topk)",
 }
 
 
@@ -104,6 +105,9 @@ ROWS = (
     Implementation("sinkhorn_backward", "native", ("cpu", "cuda"), _ALL_FLOATS, 0, f"{_SINKHORN}.torch",
                    note="the torch backward, on the compiled forward's fp32 outputs"),
     Implementation("sinkhorn_backward", "torch", None, _ALL_FLOATS, 10, f"{_SINKHORN}.torch"),
+
+    # Block matmuls (the GEMM is most of the cost) with torch.topk and logsumexp per block.
+    Implementation("topk", "torch", None, _ALL_FLOATS, 10, "fastkd.kernels.topk.torch"),
 )
 
 

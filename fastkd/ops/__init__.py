@@ -6,6 +6,7 @@ from .kd_rows import kd_rows
 from .kl_div_rows import kl_div_rows
 from .sinkhorn import sinkhorn
 from .sparse_kd import sparse_kd_rows
+from .topk import linear_topk
 
-__all__ = ["fused_linear_kd_rows", "fused_linear_kd_weighted", "kd_rows", "kl_div_rows", "sinkhorn",
-           "sparse_kd_rows"]
+__all__ = ["fused_linear_kd_rows", "fused_linear_kd_weighted", "kd_rows", "kl_div_rows", "linear_topk",
+           "sinkhorn", "sparse_kd_rows"]

@@ -14,8 +14,10 @@ the top-k leaves out (``missing_mass``):
       forward KL:  ∂L/∂s_i = q_i − p̂_i,  p̂ = p on S and P_t·q_i/Q_t off S
       reverse KL:  ∂L/∂s_i = q_i·(d_b(i) − L),  d_b = log Q_b − log P_b of i's bucket b(i)
 
-Temperature divides the student logits and the teacher log-probs (renormalize mode); the tail
-mode needs the teacher's untempered leftover mass, so it runs at T = 1 only.
+Temperature divides the student logits and the teacher input. That input is the teacher's logits
+on the support up to a per-row constant: log-probs stored at T_g = 1, or T_g·log p_g (the public
+functions scale log-probs stored at another teacher_temperature). The tail mode needs the
+teacher's leftover mass at T, known only when T = T_g: the input divided by T is then log p_g.
 """
 
 import math
