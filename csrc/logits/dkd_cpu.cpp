@@ -121,7 +121,8 @@ FASTKD_ROW_CLONES void dkd_backward_row(const KdRowsArgs& args, float alpha, int
     storage_t<DS>* out = g_row + col;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float g = weight_q * kd_exp(log_prob(s[i], m_s, log_sum_s)) - weight_p * kd_exp(log_prob(t[i], m_t, log_sum_t));
+      const float g =
+          weight_q * kd_exp(log_prob(s[i], m_s, log_sum_s)) - weight_p * kd_exp(log_prob(t[i], m_t, log_sum_t));
       out[i] = Element<DS>::from_float(g);
     }
   }

@@ -1,6 +1,7 @@
 """Launchers of the compiled kd_rows and kl_div kernels of fastkd._C (csrc/logits/cpu.cpp,
-csrc/logits/cuda.cu; dkd: csrc/logits/dkd_cpu.cpp, CPU only): the ``native`` backend of those families. Same signatures and outputs as
-the torch implementation (logits/torch.py); the tensors' device picks the CPU or CUDA entry point.
+csrc/logits/cuda.cu; dkd: csrc/logits/dkd_cpu.cpp, CPU only): the ``native`` backend of those
+families. Same signatures and outputs as the torch implementation (logits/torch.py); the tensors'
+device picks the CPU or CUDA entry point.
 
 Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 statistics.
 """
