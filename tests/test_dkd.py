@@ -246,3 +246,23 @@ def test_native_dkd_entry_points_require_labels():
     spec = make_spec("dkd")
     with pytest.raises(ValueError, match="labels"):
         native.kd_rows_forward(student, teacher, None, spec, -100)
+
+
+@pytest.mark.skipif("native" not in DKD_BACKENDS, reason="the native dkd kernels are not built here")
+def test_an_extension_built_before_the_dkd_kernels_says_rebuild(monkeypatch):
+    from fastkd.divergences import make_spec
+    from fastkd.kernels import native_ext
+    from fastkd.kernels.logits import native
+
+    ext = native_ext.extension()
+
+    class Stale:  # the real extension without the dkd entry points
+        def __getattr__(self, name):
+            if name.startswith("dkd_rows_"):
+                raise AttributeError(name)
+            return getattr(ext, name)
+
+    student, teacher, target = _problem(3, 9)
+    monkeypatch.setattr(native, "extension", Stale)
+    with pytest.raises(RuntimeError, match="rebuild"):
+        native.kd_rows_forward(student, teacher, target, make_spec("dkd"), -100)

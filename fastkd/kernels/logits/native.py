@@ -24,6 +24,13 @@ def _check_pair(first_name, first, second_name, second):
                          f"{tuple(second.shape)} on {second.device} must match in shape and device")
 
 
+def _check_dkd_built(name):
+    # The contract does not cover entry points: an extension built before the dkd kernels passes it.
+    if not hasattr(extension(), name + "_cpu"):
+        raise RuntimeError(f"fastkd._C has no {name}_cpu: it was built before the dkd kernels; rebuild it: "
+                           "pip install --no-build-isolation -e .")
+
+
 def _kd_rows_args(student, teacher, labels, spec, ignore_index):
     """The _C.KdRowsArgs of a call; labels: int64 (N,) contiguous, or None."""
     n_rows, n_cols, _ = row_shape(student)
@@ -55,6 +62,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     labels = int64_labels(labels, n_rows)
     args = _kd_rows_args(student, teacher, labels, spec, ignore_index)
     if spec.name == "dkd":  # csrc/logits/dkd_cpu.cpp
+        _check_dkd_built("dkd_rows_forward")
         launch("dkd_rows_forward", student.device, args, alpha=spec.alpha, loss=loss.data_ptr(),
                stats=stats.data_ptr())
     else:
@@ -78,6 +86,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     labels = int64_labels(labels, n_rows)
     args = _kd_rows_args(student, teacher, labels, spec, ignore_index)
     if spec.name == "dkd":
+        _check_dkd_built("dkd_rows_backward")
         launch("dkd_rows_backward", student.device, args, alpha=spec.alpha, grad_loss=grad_loss.data_ptr(),
                stats=stats.data_ptr(), grad=grad.data_ptr())
     else:
