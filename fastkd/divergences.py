@@ -292,36 +292,63 @@ def grad_scaled_student(spec, lq, lp, aux, new=_fresh):
 
 # ----------------------------------------------------------------------------------------------
 # dkd: the target class y of each row splits the distribution in two (decoupled KD).
+#
+# Written to touch the (R, V) data as few times as eager PyTorch allows (docs/perf-notes.md,
+# 2026-12-06): per side one shifted copy and one exp; TCKD comes from O(R) numbers (the target's
+# logit and the non-target log-sum-exp), NCKD from the unnormalised exps and one row sum; the
+# normalisers exp(−log Σ) ride on per-row weights instead of full-size divisions.
 # ----------------------------------------------------------------------------------------------
 
 
-def dkd_parts(x, target, new=_fresh):
-    """For scaled logits x (R, V) and target classes (R,) int64 in [0, V): (log-probabilities over
-    the non-target classes (R, V), −inf at the target; their row max (R,); log Σ_{j≠y} exp(x_j −
-    max) (R,); log of the target's probability (R,); log of the non-target mass (R,)), all
-    relative to the non-target max, so that large logits keep their precision."""
-    masked = new(x).copy_(x).scatter_(1, target[:, None], -math.inf)
-    log_hat, row_max, log_sum = log_probs_and_parts(masked, new)
-    target_shifted = x.gather(1, target[:, None])[:, 0] - row_max
-    log_all = torch.logaddexp(log_sum, target_shifted)
-    return log_hat, row_max, log_sum, target_shifted - log_all, log_sum - log_all
+def dkd_side(x, target, new=_fresh):
+    """One side's part of the dkd forward. x: (R, V) scaled logits, overwritten (the caller's
+    scratch copy); target: (R,) int64 in [0, V).
+
+    Returns (x − m with the target at −inf (x itself), its exp (R, V), m (R,), log Σ_{j≠y} exp(x_j − m)
+    (R,), x_y − m (R,)) where m = max_{j≠y} x_j: everything relative to the non-target max, so
+    that ±1e4 logits keep their precision."""
+    target_logit = x.gather(1, target[:, None])[:, 0]
+    x.scatter_(1, target[:, None], -math.inf)
+    row_max = x.amax(dim=-1)
+    x.sub_(row_max[:, None])
+    exps = torch.exp(x, out=new(x))
+    return x, exps, row_max, exps.sum(-1).log_(), target_logit - row_max
 
 
 def _binary_kl(log_a, log_b):
     return torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_b), torch.zeros_like(log_a))
 
 
-def dkd_loss_and_aux(spec, student_parts, teacher_parts, new=_fresh):
-    """alpha·TCKD + beta·NCKD per row, and aux = q_y − p_y. Parts as ``dkd_parts`` returns them."""
-    log_q_hat, _, _, log_q_y, log_q_rest = student_parts
-    log_p_hat, _, _, log_p_y, log_p_rest = teacher_parts
+def _target_and_rest(log_sum, target_shifted):
+    """log of the target's probability and of the non-target mass, from O(R) numbers."""
+    log_all = torch.logaddexp(log_sum, target_shifted)
+    return target_shifted - log_all, log_sum - log_all
+
+
+def dkd_loss_and_aux(spec, student_side, teacher_side, new=_fresh):
+    """alpha·TCKD + beta·NCKD per row, and aux = q_y − p_y. Sides as ``dkd_side`` returns them.
+
+    NCKD = Σ_{j≠y} p̂_j·(log p̂_j − log q̂_j) with log p̂ = t − log_sum_t, log q̂ = s − log_sum_s
+    (t, s shifted), so NCKD = exp(−log_sum_t)·Σ_j e^t_j·(t_j − s_j) − log_sum_t + log_sum_s.
+    """
+    s, _, _, log_sum_s, s_target = student_side
+    t, exps_t, _, log_sum_t, t_target = teacher_side
+    log_q_y, log_q_rest = _target_and_rest(log_sum_s, s_target)
+    log_p_y, log_p_rest = _target_and_rest(log_sum_t, t_target)
     tckd = _binary_kl(log_p_y, log_q_y) + _binary_kl(log_p_rest, log_q_rest)
-    nckd = _kl_terms(torch.exp(log_p_hat, out=new(log_p_hat)), log_p_hat, log_q_hat, new).sum(-1)
+    # nansum drops exactly the terms that are 0 by convention: 0·((−inf) − (−inf)) at the target
+    # and 0·(−inf) where the teacher has no mass. A NaN logit still makes the row NaN: it reaches
+    # the max, hence log_sum.
+    weighted = torch.sub(t, s, out=new(t)).mul_(exps_t).nansum(-1)
+    nckd = weighted * torch.exp(-log_sum_t) - log_sum_t + log_sum_s
     return spec.alpha * tckd + spec.param * nckd, log_q_y.exp() - log_p_y.exp()
 
 
-def dkd_grad_scaled_student(spec, log_q_hat, log_p_hat, target, aux, new=_fresh):
-    """∂L_row/∂s: q̂_j·(beta − alpha·aux) − beta·p̂_j off the target, alpha·aux at it; (R, V)."""
-    grad = torch.exp(log_q_hat, out=new(log_q_hat)).mul_((spec.param - spec.alpha * aux)[:, None])
-    grad.sub_(torch.exp(log_p_hat, out=new(log_p_hat)).mul_(spec.param))
-    return grad.scatter_(1, target[:, None], (spec.alpha * aux)[:, None].to(grad.dtype))
+def dkd_grad_scaled_student(spec, exps_s, exps_t, log_sum_s, log_sum_t, aux, target, row_scale, out):
+    """row_scale · ∂L_row/∂s into ``out`` (R, V): q̂_j·(beta − alpha·aux) − beta·p̂_j off the target,
+    alpha·aux at it. exps_*: exp(x − max) with 0 at the target (unnormalised: q̂ = exps_s·exp(−log_sum_s));
+    row_scale (R,): NaN for a row makes the whole row NaN."""
+    weight_q = (spec.param - spec.alpha * aux) * row_scale * torch.exp(-log_sum_s)
+    weight_p = (-spec.param) * row_scale * torch.exp(-log_sum_t)
+    torch.mul(exps_s, weight_q[:, None], out=out).addcmul_(exps_t, weight_p[:, None])
+    return out.scatter_(1, target[:, None], (spec.alpha * aux * row_scale)[:, None].to(out.dtype))

@@ -25,9 +25,11 @@ def scale_and_cap(x, scale, softcap):
 
 
 def _centred_and_std(y):
-    centred = y - y.mean(-1, keepdim=True)
-    denominator = max(y.shape[-1] - 1, 1)
-    return centred, (centred.square().sum(-1, keepdim=True) / denominator).sqrt()
+    """y − mean(y) (R, V) and the row's sample std (R, 1); the sum of squares as a row dot product
+    (one read, no squared temporary)."""
+    centred = torch.sub(y, y.mean(-1, keepdim=True))
+    sum_squares = torch.linalg.vecdot(centred, centred)[:, None]
+    return centred, sum_squares.div_(max(y.shape[-1] - 1, 1)).sqrt_()
 
 
 def forward(x, scale, softcap, standardize, eps):
@@ -36,20 +38,23 @@ def forward(x, scale, softcap, standardize, eps):
     if not standardize:
         return y
     centred, std = _centred_and_std(y)
-    return centred / (std + eps)
+    return centred.mul_((std + eps).reciprocal_())
 
 
 def backward(x, grad, scale, softcap, standardize, eps):
-    """∂L/∂x from ∂L/∂(transformed logits) ``grad``, both (R, V); recomputes what it needs from x."""
+    """∂L/∂x from ∂L/∂(transformed logits) ``grad``, both (R, V); recomputes what it needs from x.
+
+    Standardisation, z = c/(σ + eps) with c = y − mean(y), σ² = Σc²/(V − 1):
+    ∂L/∂y = (g − mean(g))/(σ + eps) − c·(Σ_j g_j c_j)/((σ + eps)²·(V − 1)·σ), the second term 0
+    where σ = 0 (a constant row: σ has no derivative there, and c is 0)."""
     if standardize:
         centred, std = _centred_and_std(scale_and_cap(x, scale, softcap))
-        denominator = std + eps
-        grad = (grad - grad.mean(-1, keepdim=True)) / denominator
-        # Through the std: zero for a constant row, where std has no derivative (and centred is 0).
-        through_std = (grad * denominator * centred).sum(-1, keepdim=True) / denominator
-        per_unit = torch.where(std > 0, through_std / (denominator * std * max(x.shape[-1] - 1, 1)),
-                               torch.zeros((), dtype=grad.dtype, device=grad.device))
-        grad = grad - per_unit * centred
+        inv_denominator = (std + eps).reciprocal_()
+        dot = torch.linalg.vecdot(grad, centred)[:, None]  # one read of each, no (R, V) temporary
+        through_std = torch.where(std > 0, dot * inv_denominator.square() / (std * max(x.shape[-1] - 1, 1)),
+                                  torch.zeros((), dtype=grad.dtype, device=grad.device))
+        grad = torch.sub(grad, grad.mean(-1, keepdim=True)).mul_(inv_denominator)
+        grad = grad.addcmul_(centred, through_std, value=-1)
     if softcap > 0:
         tanh = torch.tanh(x * (scale / softcap))
         grad = torch.where(torch.isneginf(x), torch.zeros((), dtype=grad.dtype, device=grad.device),

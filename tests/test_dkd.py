@@ -2,6 +2,8 @@
 float64 and against a transcription of the reference implementation (mdistiller), values and
 gradients, on every backend that implements it."""
 
+import math
+
 import pytest
 import torch
 
@@ -24,6 +26,24 @@ def paper_dkd(student, teacher, target, alpha, beta, temperature):
     q_hat = q[others].view(q.shape[0], -1) / (1 - q_y)[:, None]
     p_hat = p[others].view(p.shape[0], -1) / (1 - p_y)[:, None]
     nckd = (p_hat * (p_hat.log() - q_hat.log())).sum(-1)
+    return alpha * tckd + beta * nckd
+
+
+def log_space_dkd(student, teacher, target, alpha, beta, temperature):
+    """The same definitions with every probability in log space (float64), for rows where the
+    target takes all the mass (1 − p_y rounds to 0 even in float64)."""
+    others = torch.ones_like(student, dtype=torch.bool).scatter_(-1, target[:, None], False)
+
+    def parts(x):
+        x = x / temperature
+        log_all = torch.logsumexp(x, -1)
+        rest = x[others].view(x.shape[0], -1)
+        log_y = x.gather(-1, target[:, None])[:, 0] - log_all
+        return log_y, torch.logsumexp(rest, -1) - log_all, torch.log_softmax(rest, -1)
+
+    (lq_y, lq_rest, lq_hat), (lp_y, lp_rest, lp_hat) = parts(student), parts(teacher)
+    tckd = lp_y.exp() * (lp_y - lq_y) + lp_rest.exp() * (lp_rest - lq_rest)
+    nckd = (lp_hat.exp() * (lp_hat - lq_hat)).sum(-1)
     return alpha * tckd + beta * nckd
 
 
@@ -157,3 +177,92 @@ def test_backends_without_dkd_say_so(backend):
         pytest.skip(f"{backend} implements dkd")
     with pytest.raises(ValueError, match="does not implement dkd"):
         fastkd.kd_loss(student, teacher, target, divergence="dkd", backend=backend)
+
+
+@pytest.mark.parametrize("backend", DKD_BACKENDS)
+def test_strided_rows_of_a_3d_batch_and_mixed_dtypes(backend):
+    # (B, T, V) views: rows with a gap, every other column of a bf16 teacher; V spans column blocks
+    wide = (torch.randn(2, 5, 1400, device=DEVICE) * 4).requires_grad_(True)
+    student = wide[..., :1271]
+    teacher = (torch.randn(2, 5, 2542, device=DEVICE) * 4).bfloat16()[..., ::2]
+    assert not student.is_contiguous() and teacher.stride(-1) == 2
+    target = torch.randint(0, 1271, (2, 5), device=DEVICE)
+    target[0, 0], target[1, 4] = 0, 1270  # the first and the last column
+    loss = fastkd.kd_loss(student, teacher, target, divergence="dkd", alpha=0.5, beta=2.0, temperature=1.7,
+                          reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    leaf = student.detach().double().reshape(10, -1).requires_grad_(True)
+    ref = paper_dkd(leaf, teacher.double().reshape(10, -1), target.reshape(-1), 0.5, 2.0, 1.7).sum()
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    assert rel_err(loss, ref) < 2e-5 and rel_err(grad.reshape(10, -1), ref_grad) < 2e-5
+
+
+@pytest.mark.parametrize("backend", DKD_BACKENDS)
+def test_target_far_above_the_rest_and_masked_classes(backend):
+    student, teacher, target = _problem(4, 300, scale=30.0)
+    student[0] = -100.0
+    student[0, target[0]] = 100.0  # the target takes all the float32 mass
+    teacher[1, target[1]] = 150.0
+    student[2, :7] = -math.inf  # masked classes on both sides
+    teacher[2, :7] = -math.inf
+    target[2] = 150
+    student.requires_grad_(True)
+    loss = fastkd.kd_loss(student, teacher, target, divergence="dkd", temperature=1.0, reduction="none",
+                          backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    leaf = student.detach().double().requires_grad_(True)
+    # Masked classes carry no probability on either side: row 2 is its unmasked columns.
+    rows = [0, 1, 3]
+    ref = torch.cat([log_space_dkd(leaf[rows], teacher[rows].double(), target[rows], 1.0, 8.0, 1.0),
+                     log_space_dkd(leaf[2:3, 7:], teacher[2:3, 7:].double(), target[2:3] - 7, 1.0, 8.0, 1.0)])
+    (ref_grad,) = torch.autograd.grad(ref.sum(), leaf)
+    assert rel_err(loss[[0, 1, 3, 2]], ref) < 2e-5 and rel_err(grad, ref_grad) < 2e-5
+    assert torch.equal(grad[2, :7], torch.zeros_like(grad[2, :7]))
+
+
+@pytest.mark.skipif("native" not in DKD_BACKENDS, reason="the native dkd kernels are not built here")
+def test_native_dkd_results_do_not_depend_on_the_thread_count():
+    student, teacher, target = _problem(37, 1000)
+    student.requires_grad_(True)
+    results = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            loss = fastkd.kd_loss(student, teacher, target, divergence="dkd", reduction="none", backend="native")
+            results.append((loss, *torch.autograd.grad(loss.sum(), student)))
+        finally:
+            torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif("native" not in DKD_BACKENDS, reason="the native dkd kernels are not built here")
+def test_native_dkd_entry_points_require_labels():
+    from fastkd.divergences import make_spec
+    from fastkd.kernels.logits import native
+
+    student, teacher, _ = _problem(3, 9)
+    spec = make_spec("dkd")
+    with pytest.raises(ValueError, match="labels"):
+        native.kd_rows_forward(student, teacher, None, spec, -100)
+
+
+@pytest.mark.skipif("native" not in DKD_BACKENDS, reason="the native dkd kernels are not built here")
+def test_an_extension_built_before_the_dkd_kernels_says_rebuild(monkeypatch):
+    from fastkd.divergences import make_spec
+    from fastkd.kernels import native_ext
+    from fastkd.kernels.logits import native
+
+    ext = native_ext.extension()
+
+    class Stale:  # the real extension without the dkd entry points
+        def __getattr__(self, name):
+            if name.startswith("dkd_rows_"):
+                raise AttributeError(name)
+            return getattr(ext, name)
+
+    student, teacher, target = _problem(3, 9)
+    monkeypatch.setattr(native, "extension", Stale)
+    with pytest.raises(RuntimeError, match="rebuild"):
+        native.kd_rows_forward(student, teacher, target, make_spec("dkd"), -100)

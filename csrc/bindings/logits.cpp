@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "bindings.h"
+#include "fastkd/logits/dkd_rows.h"
 #include "fastkd/logits/kd_rows.h"
 
 namespace fastkd {
@@ -87,6 +88,26 @@ void bind_logits(py::module_& m) {
         });
       },
       py::arg("args"), py::kw_only(), py::arg("grad_rows"), py::arg("grad"), py::arg("n_threads") = 0);
+
+  // dkd (logits/dkd_rows.h): a kd_rows call with required labels, alpha apart; CPU only.
+  m.def(
+      "dkd_rows_forward_cpu",
+      [](const KdRowsArgs& args, float alpha, std::uintptr_t loss, std::uintptr_t stats, int n_threads) {
+        with_released_gil(
+            [&] { dkd_rows_forward_cpu(args, alpha, address<float>(loss), address<float>(stats), n_threads); });
+      },
+      py::arg("args"), py::kw_only(), py::arg("alpha"), py::arg("loss"), py::arg("stats"), py::arg("n_threads") = 0);
+  m.def(
+      "dkd_rows_backward_cpu",
+      [](const KdRowsArgs& args, float alpha, std::uintptr_t grad_loss, std::uintptr_t stats, std::uintptr_t grad,
+         int n_threads) {
+        with_released_gil([&] {
+          dkd_rows_backward_cpu(args, alpha, address<const float>(grad_loss), address<const float>(stats),
+                                address<void>(grad), n_threads);
+        });
+      },
+      py::arg("args"), py::kw_only(), py::arg("alpha"), py::arg("grad_loss"), py::arg("stats"), py::arg("grad"),
+      py::arg("n_threads") = 0);
 
   // The same on CUDA: device index and stream (a cudaStream_t as an integer) instead of n_threads.
   m.def(

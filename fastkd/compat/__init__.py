@@ -15,9 +15,11 @@
                                                         and their …WithChunkedOutputLoss forms
     fastkd.compat.distillkit                            DistillKit's sparse_kl_div and MissingProbabilityHandling
                                                         (ZERO, SYMMETRIC_UNIFORM)
+    fastkd.compat.mdistiller                            mdistiller's kd_loss and dkd_loss (with logit_stand,
+                                                        the logit-standardisation paper's variant)
 """
 
-from . import distillkit, torchtune
+from . import distillkit, mdistiller, torchtune
 from .liger import LigerFusedLinearJSDLoss
 from .liger_cosine import LigerFusedLinearCosineSimilarityLoss
 from .liger_fused_linear import (LigerFusedLinearJSD, LigerFusedLinearKLDivLoss, liger_fused_linear_jsd,
@@ -30,4 +32,4 @@ from .trl_topk import topk_generalized_jsd_loss
 
 __all__ = ["KLDivLoss", "distillkit", "gold_generalized_jsd_loss", "topk_generalized_jsd_loss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD", "LigerFusedLinearJSDLoss",
            "LigerFusedLinearKLDivLoss", "LigerJSD", "generalized_jsd_loss", "kl_div", "liger_fused_linear_jsd",
-           "liger_fused_linear_kl_div", "liger_jsd", "torchtune"]
+           "liger_fused_linear_kl_div", "liger_jsd", "mdistiller", "torchtune"]

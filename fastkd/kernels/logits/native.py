@@ -1,6 +1,7 @@
 """Launchers of the compiled kd_rows and kl_div kernels of fastkd._C (csrc/logits/cpu.cpp,
-csrc/logits/cuda.cu): the ``native`` backend of those families. Same signatures and outputs as
-the torch implementation (logits/torch.py); the tensors' device picks the CPU or CUDA entry point.
+csrc/logits/cuda.cu; dkd: csrc/logits/dkd_cpu.cpp, CPU only): the ``native`` backend of those
+families. Same signatures and outputs as the torch implementation (logits/torch.py); the tensors'
+device picks the CPU or CUDA entry point.
 
 Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 statistics.
 """
@@ -23,11 +24,20 @@ def _check_pair(first_name, first, second_name, second):
                          f"{tuple(second.shape)} on {second.device} must match in shape and device")
 
 
+def _check_dkd_built(name):
+    # The contract does not cover entry points: an extension built before the dkd kernels passes it.
+    if not hasattr(extension(), name + "_cpu"):
+        raise RuntimeError(f"fastkd._C has no {name}_cpu: it was built before the dkd kernels; rebuild it: "
+                           "pip install --no-build-isolation -e .")
+
+
 def _kd_rows_args(student, teacher, labels, spec, ignore_index):
     """The _C.KdRowsArgs of a call; labels: int64 (N,) contiguous, or None."""
     n_rows, n_cols, _ = row_shape(student)
     ext = extension()
-    divergence = ext.DivergenceParams(code=DIVERGENCE_CODES[spec.name], inv_temperature=spec.inv_temperature,
+    # dkd has entry points of its own, which read no code: any valid one fills the field.
+    code = DIVERGENCE_CODES["forward_kl" if spec.name == "dkd" else spec.name]
+    divergence = ext.DivergenceParams(code=code, inv_temperature=spec.inv_temperature,
                                       param=spec.param, log_param=spec.log_param, log1m_param=spec.log1m_param)
     return ext.KdRowsArgs(n_rows=n_rows, n_cols=n_cols, student=rows_view(student), teacher=rows_view(teacher),
                           labels=0 if labels is None else labels.data_ptr(), ignore_index=ignore_index,
@@ -50,8 +60,13 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     if n_rows == 0:
         return loss, stats
     labels = int64_labels(labels, n_rows)
-    launch("kd_rows_forward", student.device, _kd_rows_args(student, teacher, labels, spec, ignore_index),
-           loss=loss.data_ptr(), stats=stats.data_ptr())
+    args = _kd_rows_args(student, teacher, labels, spec, ignore_index)
+    if spec.name == "dkd":  # csrc/logits/dkd_cpu.cpp
+        _check_dkd_built("dkd_rows_forward")
+        launch("dkd_rows_forward", student.device, args, alpha=spec.alpha, loss=loss.data_ptr(),
+               stats=stats.data_ptr())
+    else:
+        launch("kd_rows_forward", student.device, args, loss=loss.data_ptr(), stats=stats.data_ptr())
     return loss, stats
 
 
@@ -69,8 +84,14 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
         raise ValueError(f"grad_loss must be ({n_rows},) and stats ({n_rows}, {N_STATS}); got "
                          f"{tuple(grad_loss.shape)} and {tuple(stats.shape)}")
     labels = int64_labels(labels, n_rows)
-    launch("kd_rows_backward", student.device, _kd_rows_args(student, teacher, labels, spec, ignore_index),
-           grad_loss=grad_loss.data_ptr(), stats=stats.data_ptr(), grad=grad.data_ptr())
+    args = _kd_rows_args(student, teacher, labels, spec, ignore_index)
+    if spec.name == "dkd":
+        _check_dkd_built("dkd_rows_backward")
+        launch("dkd_rows_backward", student.device, args, alpha=spec.alpha, grad_loss=grad_loss.data_ptr(),
+               stats=stats.data_ptr(), grad=grad.data_ptr())
+    else:
+        launch("kd_rows_backward", student.device, args, grad_loss=grad_loss.data_ptr(), stats=stats.data_ptr(),
+               grad=grad.data_ptr())
     return grad
 
 

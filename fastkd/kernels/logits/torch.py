@@ -78,11 +78,11 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
         t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch)
         if spec.name == "dkd":
             target, bad = _targets(labels, start, stop, n_cols, ignore_index)
-            student_parts = divergences.dkd_parts(s, target, scratch)
-            teacher_parts = divergences.dkd_parts(t, target, scratch)
-            row_loss, aux = divergences.dkd_loss_and_aux(spec, student_parts, teacher_parts, scratch)
+            student_side = divergences.dkd_side(s, target, scratch)
+            teacher_side = divergences.dkd_side(t, target, scratch)
+            row_loss, aux = divergences.dkd_loss_and_aux(spec, student_side, teacher_side, scratch)
             row_loss = torch.where(bad, math.nan, row_loss)
-            max_s, log_sum_s, max_t, log_sum_t = (*student_parts[1:3], *teacher_parts[1:3])
+            max_s, log_sum_s, max_t, log_sum_t = (*student_side[2:4], *teacher_side[2:4])
         else:
             lq, max_s, log_sum_s = divergences.log_probs_and_parts(s, scratch)
             lp, max_t, log_sum_t = divergences.log_probs_and_parts(t, scratch)
@@ -95,6 +95,32 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
         loss[start:stop] = row_loss
         stats[start:stop] = row_stats
     return loss, stats
+
+
+def _dkd_exps(x, spec, side, shift, target, dtype, scratch):
+    """exp(x' − shift) with 0 at the target, x' the side's logits / T as the forward saw them: (R, V)."""
+    if spec.transforms_logits:
+        shifted = _side_logits(x, spec, side, dtype, scratch).sub_(shift[:, None])
+    else:  # scale and shift in one pass
+        shifted = torch.add(-shift[:, None], x, alpha=spec.inv_temperature, out=scratch(x, dtype))
+    return shifted.exp_().scatter_(1, target[:, None], 0.0)
+
+
+def _dkd_backward_rows(grad_loss, student, teacher, labels, row_stats, spec, ignore_index, start, stop, dtype,
+                       scratch, out):
+    """dkd's ∂output/∂(scaled student) for rows start:stop into ``out`` (R, V), the row scale folded
+    into per-row weights: two full-size exps and two multiply-adds."""
+    target, bad = _targets(labels, start, stop, student.shape[-1], ignore_index)
+    active = _active_rows(labels, ignore_index, start, stop)
+    # Ignored rows saved zero statistics; a +inf shift makes their exps 0, whatever their logits.
+    shift_s = torch.where(active, row_stats[:, MAX_S], math.inf)
+    shift_t = torch.where(active, row_stats[:, MAX_T], math.inf)
+    exps_s = _dkd_exps(student, spec, "student", shift_s, target, dtype, scratch)
+    exps_t = _dkd_exps(teacher, spec, "teacher", shift_t, target, dtype, scratch)
+    row_scale = torch.where(active, grad_loss[start:stop].to(dtype) * spec.inv_temperature, 0.0)
+    row_scale = torch.where(bad, math.nan, row_scale)  # out-of-range labels: NaN loss, NaN gradient
+    return divergences.dkd_grad_scaled_student(spec, exps_s, exps_t, row_stats[:, LOG_SUM_S],
+                                               row_stats[:, LOG_SUM_T], row_stats[:, AUX], target, row_scale, out)
 
 
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
@@ -110,19 +136,22 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
         row_stats = stats[start:stop].to(dtype)
+        if spec.name == "dkd":
+            direct = not spec.transforms_logits and grad.dtype == dtype
+            out = grad_rows[start:stop] if direct else scratch(grad_rows[start:stop], dtype)
+            g = _dkd_backward_rows(grad_loss, rows_slice(student, start, stop), rows_slice(teacher, start, stop),
+                                   labels, row_stats, spec, ignore_index, start, stop, dtype, scratch, out)
+            if spec.transforms_logits:
+                g = logit_transforms.backward(rows_slice(student, start, stop).to(dtype), g,
+                                              *_transform_args(spec, "student"))
+            if not direct:
+                grad_rows[start:stop] = g
+            continue
         s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch)
         t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch)
-        if spec.name == "dkd":
-            target, bad = _targets(labels, start, stop, n_cols, ignore_index)
-            s = scratch(s).copy_(s).scatter_(1, target[:, None], -math.inf)
-            t = scratch(t).copy_(t).scatter_(1, target[:, None], -math.inf)
         lq = divergences.log_probs(s, row_stats[:, MAX_S], row_stats[:, LOG_SUM_S], scratch)
         lp = divergences.log_probs(t, row_stats[:, MAX_T], row_stats[:, LOG_SUM_T], scratch)
-        if spec.name == "dkd":
-            g = divergences.dkd_grad_scaled_student(spec, lq, lp, target, row_stats[:, AUX], scratch)
-            g.masked_fill_(bad[:, None], math.nan)
-        else:
-            g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX], scratch)
+        g = divergences.grad_scaled_student(spec, lq, lp, row_stats[:, AUX], scratch)
         row_scale = grad_loss[start:stop].to(dtype) * inv_t
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
