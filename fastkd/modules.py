@@ -122,10 +122,11 @@ class WassersteinKDLoss(_LossModule):
     follows ``.to(device)``). ``forward(student_logits, teacher_logits, labels=None)``."""
 
     def __init__(self, cost: Tensor, *, temperature: float = 1.0, eps: float = ot.DEFAULT_EPS, max_iter: int = 10,
-                 exclude_target: bool = True, grad: str = "unrolled", validate: bool = False, backend: str = "auto"):
+                 exclude_target: bool = True, grad: str = "unrolled", validate: bool = False, backend: str = "auto",
+                 gemm_precision: str = "fp32"):
         super().__init__(temperature=temperature, eps=eps, max_iter=max_iter, exclude_target=exclude_target,
-                         grad=grad, validate=validate, backend=backend)
-        _check_ot_options(temperature, eps, max_iter, grad)
+                         grad=grad, validate=validate, backend=backend, gemm_precision=gemm_precision)
+        _check_ot_options(temperature, eps, max_iter, grad, gemm_precision)
         self.register_buffer("cost", cost)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
@@ -136,10 +137,11 @@ class SinkhornKDLoss(_LossModule):
     """:func:`fastkd.sinkhorn_kd_loss`. ``forward(student_logits, teacher_logits, labels=None)``."""
 
     def __init__(self, *, temperature: float = 1.0, eps: float = ot.DEFAULT_EPS, max_iter: int = 20,
-                 ignore_index: int = -100, grad: str = "unrolled", backend: str = "auto"):
+                 ignore_index: int = -100, grad: str = "unrolled", backend: str = "auto",
+                 gemm_precision: str = "fp32"):
         super().__init__(temperature=temperature, eps=eps, max_iter=max_iter, ignore_index=ignore_index, grad=grad,
-                         backend=backend)
-        _check_ot_options(temperature, eps, max_iter, grad)
+                         backend=backend, gemm_precision=gemm_precision)
+        _check_ot_options(temperature, eps, max_iter, grad, gemm_precision)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return ot.sinkhorn_kd_loss(student_logits, teacher_logits, labels, **self.options)
@@ -157,8 +159,9 @@ class ULDLoss(_LossModule):
         return ot.uld_loss(student_logits, teacher_logits, labels, **self.options)
 
 
-def _check_ot_options(temperature, eps, max_iter, grad):
+def _check_ot_options(temperature, eps, max_iter, grad, gemm_precision):
     ot_checks.check_temperature(temperature)
     ot_checks.check_eps(eps)
     ot_checks.check_iterations("max_iter", max_iter)
     ot_checks.check_loss_grad(grad)
+    ot_checks.check_gemm_precision(gemm_precision)

@@ -63,6 +63,7 @@ class SinkhornOptions:
     grad: str  # "envelope", "unrolled" or "none"
     return_plan: bool
     backend: str
+    gemm_precision: str  # "fp32", "tf32" or "bf16": the gemm backend's matrix multiplies
 
 
 @dataclass(frozen=True)

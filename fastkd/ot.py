@@ -14,6 +14,7 @@ from . import ot_validation as checks
 from . import validation
 from .kernels import registry
 from .kernels.layout import compute_dtype
+from .kernels.sinkhorn.contract import SinkhornCall
 from .ops import sinkhorn as sinkhorn_op
 from .options import SinkhornOptions
 from .reduction import reduce_rows
@@ -37,7 +38,7 @@ class SinkhornResult(NamedTuple):
 
 def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = None, *, eps: float = DEFAULT_EPS,
              max_iter: int = 100, tol: Optional[float] = 1e-6, grad: str = "envelope", return_plan: bool = False,
-             validate: bool = False, backend: str = "auto") -> SinkhornResult:
+             validate: bool = False, backend: str = "auto", gemm_precision: str = "fp32") -> SinkhornResult:
     """Entropic optimal transport between ``a`` and ``b`` for many problems at once (log-domain
     Sinkhorn, POT's ``sinkhorn_log`` iteration).
 
@@ -78,8 +79,20 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
             ``tol``. Reading tensor values synchronises with the device (and breaks a
             ``torch.compile`` graph): for debugging, off by default. Without it, bad values show
             as NaN or inf results and ``err`` says how far each problem is from its marginals.
-        backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()``;
+        backend: "auto", "torch", "triton", "native" or "gemm" (see ``fastkd.available_backends()``;
             "native" compiles the forward only, in fp32, and shares the torch backend's backward).
+            "gemm" (fastkd/kernels/sinkhorn/gemm.py) runs the same iteration as matrix
+            multiplies on one shared kernel matrix: only for a shared (n, m) cost whose spread
+            over ``eps`` fits the exponent range of the compute dtype (fp32: Δ/ε ≤
+            69.7 − log max(n, m), Δ the cost's spread after row and column shifts; a call outside
+            raises). "auto" takes it for such a cost from B·n·m ≥ 2^15 and otherwise runs the
+            log-domain kernels. Deciding reads the cost's values once per tensor and version (a
+            host synchronisation on a GPU, cached); under torch.compile the cost cannot be read,
+            so "auto" keeps the log-domain kernels and backend="gemm" returns NaN for a cost
+            outside the domain.
+        gemm_precision: "fp32" (default), "tf32" or "bf16": the matrix multiplies of the gemm
+            backend (tensor cores on a GPU; a CPU runs "tf32" as fp32). Measured errors against
+            float64 are in gemm.py's docstring (WKD: bf16 ~1e-4 on the loss, ~2e-2 on its gradient).
 
     Returns:
         SinkhornResult(value, value_linear, f, g, n_iter, err, plan): ``value`` = ⟨P, C⟩ +
@@ -92,16 +105,21 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     checks.check_iterations("max_iter", max_iter)
     checks.check_tol(tol)
     checks.check_grad_mode(grad)
+    checks.check_gemm_precision(gemm_precision)
     validation.check_flag("return_plan", return_plan)
     validation.check_flag("validate", validate)
     result = _solve(cost, a, b, eps=eps, max_iter=max_iter, tol=tol, grad=grad, return_plan=return_plan,
-                    validate_cost=validate, validate_marginals=validate, backend=backend)
+                    validate_cost=validate, validate_marginals=validate, backend=backend,
+                    gemm_precision=gemm_precision)
     if validate and grad == "envelope" and tol is not None:
         _warn_unconverged(result, max_iter, tol)
     return result
 
 
-def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, validate_marginals, backend):
+def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, validate_marginals, backend,
+           gemm_precision, cost_spread=None):
+    """``cost_spread``: a bound on max(cost) − min(cost) the caller knows, or None (the gemm
+    backend's condition then reads the cost)."""
     cost_batch = checks.check_cost(cost)
     n, m = cost.shape[-2:]
     device = cost.device
@@ -111,18 +129,21 @@ def _solve(cost, a, b, *, eps, max_iter, tol, grad, return_plan, validate_cost, 
     given = tuple(x for x in (cost, a, b) if x is not None)
     dtypes = tuple(x.dtype for x in given)
     dtype = compute_dtype(*given)
-    backend = registry.select("sinkhorn", backend, device, dtypes)
     n_problems = 1 if batch is None else batch
-    a = _marginal(a, n, n_problems, dtype, device)
-    b = _marginal(b, m, n_problems, dtype, device)
+    # Validate before the gemm backend's condition reads the cost: bad values get their own error.
     if validate_cost:
         checks.check_cost_values(cost)
+    call = SinkhornCall(cost, n_problems, float(eps), dtype, cost_spread)
+    backend = registry.select("sinkhorn", backend, device, dtypes, call=call)
+    a = _marginal(a, n, n_problems, dtype, device)
+    b = _marginal(b, m, n_problems, dtype, device)
     if validate_marginals:
         checks.check_marginal_values("a", a)
         checks.check_marginal_values("b", b)
         checks.check_equal_mass(a, b)
 
-    options = SinkhornOptions(float(eps), max_iter, -1.0 if tol is None else float(tol), grad, return_plan, backend)
+    options = SinkhornOptions(float(eps), max_iter, -1.0 if tol is None else float(tol), grad, return_plan, backend,
+                              gemm_precision)
     if grad == "none":
         with torch.no_grad():
             outputs = sinkhorn_op(cost, a, b, options)
@@ -172,7 +193,7 @@ def _rows(name, x):
 def wasserstein_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                         cost: Tensor, temperature: float = 1.0, eps: float = DEFAULT_EPS, max_iter: int = 10,
                         exclude_target: bool = True, grad: str = "unrolled", validate: bool = False,
-                        backend: str = "auto") -> Tensor:
+                        backend: str = "auto", gemm_precision: str = "fp32") -> Tensor:
     """Wasserstein distance between the student's and teacher's class distributions under a
     class-to-class cost (WKD-L, Lv et al., NeurIPS 2024, "Wasserstein Distance Rivals
     Kullback-Leibler Divergence for Knowledge Distillation").
@@ -200,8 +221,14 @@ def wasserstein_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: 
             gradient at all: evaluation only).
         validate: also check the cost's values (finite, ≥ 0) and the labels' range with errors (a
             host synchronisation): for debugging, off by default.
-        backend: "auto", "torch", "triton" or "native" (the C++ backend runs the forward; the
-            backward is the torch backend's).
+        backend: "auto", "torch", "triton", "native" or "gemm" (see :func:`sinkhorn`). The class
+            cost is shared by the batch, so "auto" runs the gemm backend (one matrix multiply per
+            half-iteration for all samples) when the cost's spread over ``eps`` is inside its
+            exact domain (ε = 0.05 on a cost in [0, 2] is) and B·V² ≥ 2^15; finding the spread
+            reads the cost once per tensor and version (on a GPU, one host synchronisation the
+            first time: pass the same cost tensor each step).
+        gemm_precision: "fp32", "tf32" or "bf16", the gemm backend's matrix multiplies
+            (see :func:`sinkhorn`).
 
     Returns:
         Scalar loss, float32 (float64 for float64 inputs).
@@ -219,6 +246,7 @@ def wasserstein_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: 
     validation.check_flag("exclude_target", exclude_target)
     validation.check_flag("validate", validate)
     checks.check_loss_grad(grad)
+    checks.check_gemm_precision(gemm_precision)
     if validate and labels is not None and labels.numel() and exclude_target and (
             bool(labels.min() < 0) or bool(labels.max() >= n_classes)):
         raise ValueError(f"labels must be class indices in [0, {n_classes}) to exclude the target class "
@@ -236,7 +264,7 @@ def wasserstein_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: 
         t = t.scatter(1, target, float("-inf"))
     result = _solve(cost, torch.softmax(s, -1), torch.softmax(t, -1), eps=eps, max_iter=max_iter, tol=None,
                     grad=grad, return_plan=False, validate_cost=validate, validate_marginals=False,
-                    backend=backend)
+                    backend=backend, gemm_precision=gemm_precision)
     per_sample = result.value_linear
     if bad_label is not None:
         per_sample = torch.where(bad_label, math.nan, per_sample)
@@ -245,7 +273,7 @@ def wasserstein_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: 
 
 def sinkhorn_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                      temperature: float = 1.0, eps: float = DEFAULT_EPS, max_iter: int = 20, ignore_index: int = -100,
-                     grad: str = "unrolled", backend: str = "auto") -> Tensor:
+                     grad: str = "unrolled", backend: str = "auto", gemm_precision: str = "fp32") -> Tensor:
     """Batch-wise Sinkhorn distance between student and teacher distributions (SinKD, Cui et al.,
     LREC-COLING 2024, "Sinkhorn Distance Minimization for Knowledge Distillation").
 
@@ -265,8 +293,11 @@ def sinkhorn_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Opt
         eps, max_iter: Sinkhorn regularisation (the cost is in [0, 2]) and iteration count.
         labels: (…) int; rows equal to ``ignore_index`` get zero mass. No rows left: loss 0.
         grad: "unrolled" or "none" (no gradient at all: evaluation only).
-        backend: "auto", "torch", "triton" or "native" (the C++ backend runs the forward; the
-            backward is the torch backend's).
+        backend: "auto", "torch", "triton", "native" or "gemm" (see :func:`sinkhorn`). The L1 cost
+            lies in [0, 2] by construction, so the gemm backend's domain is decided without
+            reading it (no host synchronisation): "auto" runs it when 2/ε is inside the domain
+            and N² ≥ 2^15 (N ≥ 182 rows).
+        gemm_precision: "fp32", "tf32" or "bf16" (see :func:`sinkhorn`).
 
     Returns:
         Scalar loss, float32 (float64 for float64 inputs). Memory: the (N, N) cost and plan.
@@ -279,6 +310,7 @@ def sinkhorn_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Opt
     checks.check_eps(eps)
     checks.check_iterations("max_iter", max_iter)
     checks.check_loss_grad(grad)
+    checks.check_gemm_precision(gemm_precision)
     if student.shape[0] == 0:
         return student.sum() * 0.0
 
@@ -295,8 +327,10 @@ def sinkhorn_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Opt
         # With no row left, solve a uniform dummy problem and multiply by 0: finite gradients.
         keep = torch.where(any_row, keep, 1.0)
         mass = keep / keep.sum()
+    # L1 distances between probability vectors lie in [0, 2].
     result = _solve(cost, mass, mass, eps=eps, max_iter=max_iter, tol=None, grad=grad, return_plan=False,
-                    validate_cost=False, validate_marginals=False, backend=backend)
+                    validate_cost=False, validate_marginals=False, backend=backend, gemm_precision=gemm_precision,
+                    cost_spread=2.0)
     loss = result.value_linear
     return loss if any_row is None else loss * any_row.to(loss.dtype)
 

@@ -10,6 +10,7 @@ import torch
 from .validation import check_float_tensor
 
 GRAD_MODES = ("envelope", "unrolled", "none")
+GEMM_PRECISIONS = ("fp32", "tf32", "bf16")
 # Relative difference allowed between the total masses of a and b (balanced OT needs them equal).
 MASS_TOLERANCE = 1e-3
 
@@ -72,6 +73,12 @@ def check_tol(tol):
 def check_grad_mode(grad):
     if not isinstance(grad, str) or grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {', '.join(map(repr, GRAD_MODES))}; got {grad!r}")
+
+
+def check_gemm_precision(gemm_precision):
+    if not isinstance(gemm_precision, str) or gemm_precision not in GEMM_PRECISIONS:
+        raise ValueError(f"gemm_precision must be one of {', '.join(map(repr, GEMM_PRECISIONS))}; "
+                         f"got {gemm_precision!r}")
 
 
 def check_cost_values(cost):

@@ -6,22 +6,29 @@ priority; a backend asked for by name must have a usable row, or ``select`` rais
 lists what would serve. Rows that reuse another backend's code say so in their ``note``, which
 ``available_backends()`` shows: nothing falls back silently.
 
+A row may also carry a per-call ``condition``: a function of its module that looks at the call
+(a family's description of it, e.g. ``sinkhorn.contract.SinkhornCall``) and returns a
+``Verdict``: whether the row serves the call at all (a backend asked for by name that does not
+raises with the verdict's reason) and whether ``auto`` should take it (a row that serves but is
+slower for small calls is passed over). ``auto`` passes over conditional rows when ``select`` is
+given no call.
+
 Availability (is Triton importable, is a CUDA device visible, is fastkd._C built and does it keep
 the Python contract) is probed once, at import, so selecting inside a ``torch.compile``d function
 is dictionary work.
 
 Adding a backend or a family: write its module, add its rows below (and, for a new backend, its
-probe in ``_probe``).
+probe in ``_probe``, or its entry in ``_PURE_PYTORCH``).
 """
 
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "native")
+BACKENDS = ("torch", "triton", "native", "gemm")
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ALL_FLOATS = _FLOATS + (torch.float64,)
@@ -56,10 +63,25 @@ class Implementation:
     module: str
     note: str = ""
     features: frozenset = frozenset()
+    # Name of a function of ``module``: condition(call, auto) → Verdict, for rows that serve only
+    # some calls ("" for rows that serve every call their devices and dtypes allow).
+    condition: str = ""
+
+
+class Verdict(NamedTuple):
+    """A conditional row's answer for one call: ``serves`` (False: a backend asked for by name
+    raises with ``reason``), ``auto`` (whether ``backend="auto"`` takes the row) and why."""
+
+    serves: bool
+    auto: bool
+    reason: str
 
 
 _LOGITS = "fastkd.kernels.logits"
 _SINKHORN = "fastkd.kernels.sinkhorn"
+_GEMM_NOTE = ("only for one (n, m) cost shared by every problem, with the cost's spread over eps inside the "
+              "compute dtype's exponent range; auto takes it from B·n·m ≥ 2^15 and otherwise keeps the "
+              "log-domain kernels")
 _TORCH_SPARSE = "fastkd.kernels.sparse.torch"
 
 # Priorities (docs/perf-notes.md): on a GPU Triton first, the CUDA C++ kernels next (not yet timed
@@ -95,6 +117,14 @@ ROWS = (
     Implementation("sparse_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SPARSE,
                    note="the torch implementation: fastkd._C has no sparse-teacher kernel"),
 
+    # The scaling-domain solver for a shared cost: one GEMM per half-iteration for the whole batch.
+    # First wherever its condition (sinkhorn/gemm.py: shared cost, exact domain, large enough) holds:
+    # on the CPU 1.6–21× the torch backend fwd+bwd from B·n·m = 2^15 (docs/perf-notes.md,
+    # 2026-12-06); against Triton on a GPU not yet timed.
+    Implementation("sinkhorn", "gemm", None, _ALL_FLOATS, 40, f"{_SINKHORN}.gemm", note=_GEMM_NOTE,
+                   condition="condition"),
+    Implementation("sinkhorn_backward", "gemm", None, _ALL_FLOATS, 40, f"{_SINKHORN}.gemm", note=_GEMM_NOTE,
+                   condition="condition"),
     # The C++ Sinkhorn forward is opt-in: its CUDA part has not run on a GPU, and on the CPU it wins
     # on many small problems but not on the WKD fwd+bwd case (docs/perf-notes.md, 2026-11-22).
     Implementation("sinkhorn", "triton", ("cuda",), _FLOATS, 30, f"{_SINKHORN}.triton"),
@@ -121,6 +151,7 @@ class BackendStatus:
     devices: tuple
     reason: str
     features: tuple = ()  # the optional capabilities (FEATURES) its rows implement
+    conditional: bool = False  # its rows serve only the calls their condition accepts (see the note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,16 +196,18 @@ def _probe_native():
 
 
 def _probe():
-    return {"torch": {}, "triton": _probe_triton(), "native": _probe_native()}
+    return {"triton": _probe_triton(), "native": _probe_native()}
 
 
 _PROBED = _probe()
+# Backends written in PyTorch alone: they run wherever PyTorch does, nothing to probe.
+_PURE_PYTORCH = {"torch": "pure PyTorch", "gemm": "PyTorch matrix multiplies (BLAS on CPUs, cuBLAS on GPUs)"}
 
 
 def _runs(backend, device_type):
     """(available, reason) of a backend on a device type."""
-    if backend == "torch":
-        return True, "pure PyTorch"
+    if backend in _PURE_PYTORCH:
+        return True, _PURE_PYTORCH[backend]
     return _PROBED[backend].get(device_type, (False, f"{backend} kernels do not run on {device_type!r} devices"))
 
 
@@ -195,10 +228,21 @@ def _usable(family, device_type, dtypes, features=frozenset()):
     return [row for row in _BY_PRIORITY if row.family == family and _serves(row, device_type, dtypes, features)]
 
 
-def select(family, requested, device, dtypes, features=frozenset()):
+def verdict(row, call, auto):
+    """The row's Verdict for ``call`` (``auto``: asked by backend="auto"). A row without a
+    condition serves every call; a conditional row given no call serves none."""
+    if not row.condition:
+        return Verdict(True, True, "")
+    if call is None:
+        return Verdict(False, False, f"{row.backend} serves only some {row.family} calls; this one was not described")
+    return _CONDITIONS[row](call, auto)
+
+
+def select(family, requested, device, dtypes, features=frozenset(), call=None):
     """The backend that runs ``family`` for inputs of ``dtypes`` on ``device`` with the optional
-    ``features`` (registry.FEATURES): the highest-priority usable row for ``requested="auto"``,
-    else ``requested`` itself if it can serve.
+    ``features`` (registry.FEATURES): the highest-priority usable row for ``requested="auto"``
+    (a conditional row only where its condition takes ``call``), else ``requested`` itself if it
+    can serve (and its condition, if any, accepts ``call``).
 
     Raises ValueError naming what would serve when the request cannot be honoured.
     """
@@ -208,11 +252,17 @@ def select(family, requested, device, dtypes, features=frozenset()):
     names = sorted({row.backend for row in usable})
     if requested == "auto":
         for row in usable:
-            if row.priority > 0:
+            if row.priority > 0 and verdict(row, call, auto=True).auto:
                 return row.backend
         raise ValueError(f"no fastkd backend runs {family} on device {device.type!r} for {_describe(dtypes)} inputs")
     if requested in names:
-        return requested
+        answer = verdict(next(row for row in usable if row.backend == requested), call, auto=False)
+        if answer.serves:
+            return requested
+        others = sorted({row.backend for row in usable if row.backend != requested and (
+            not row.condition or verdict(row, call, auto=False).serves)})
+        raise ValueError(f"backend={requested!r} cannot run this {family} call: {answer.reason}. Backends that "
+                         f"run it: {others}")
     rows = [row for row in ROWS if row.family == family and row.backend == requested]
     if not rows:
         why = f"backend={requested!r} has no {family} kernels"
@@ -228,6 +278,11 @@ def select(family, requested, device, dtypes, features=frozenset()):
     raise ValueError(f"{why}. Backends that run it{wanted} on {device.type} for {_describe(dtypes)} inputs: {names}")
 
 
+# The conditions, looked up once at import (their modules are pure PyTorch): Dynamo does not trace
+# importlib, and select must stay traceable inside a torch.compile'd function.
+_CONDITIONS = {row: getattr(importlib.import_module(row.module), row.condition) for row in ROWS if row.condition}
+
+
 def implementation(family, backend, device_type):
     """The module holding ``backend``'s launchers of ``family`` for tensors on ``device_type``."""
     for row in ROWS:
@@ -241,10 +296,12 @@ def rows(family=None):
     return tuple(row for row in ROWS if family is None or row.family == family)
 
 
-def usable_backends(family, device_type, dtypes=(torch.float32,), features=frozenset()):
+def usable_backends(family, device_type, dtypes=(torch.float32,), features=frozenset(), conditional=None):
     """Names of the backends that run ``family`` (with ``features``) on ``device_type`` here, auto's
-    choice first."""
-    return list(dict.fromkeys(row.backend for row in _usable(family, device_type, dtypes, features)))
+    choice first. ``conditional``: None lists every row, False only the rows without a per-call
+    condition, True only the conditional ones."""
+    return list(dict.fromkeys(row.backend for row in _usable(family, device_type, dtypes, features)
+                              if conditional is None or bool(row.condition) == conditional))
 
 
 def available_backends():
@@ -271,5 +328,5 @@ def available_backends():
             text += "".join(f" (note: {note})" for note in notes)
             features = tuple(sorted(set.intersection(*(set(row.features) for row in family_rows))))
             report[family][backend] = BackendStatus(backend, bool(devices), tuple(dict.fromkeys(devices)), text,
-                                                    features)
+                                                    features, any(row.condition for row in family_rows))
     return report

@@ -27,7 +27,8 @@ def _sinkhorn(cost, a, b, *values):
     options, _ = unflatten(SinkhornOptions, values)
     kernels = registry.implementation("sinkhorn", options.backend, cost.device.type)
     return tuple(kernels.sinkhorn_forward(cost, a, b, options.eps, options.max_iter, options.tol,
-                                          options.grad == "unrolled", options.return_plan))
+                                          options.grad == "unrolled", options.return_plan,
+                                          gemm_precision=options.gemm_precision))
 
 
 @_sinkhorn.register_fake
@@ -55,7 +56,7 @@ def _sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, 
     kernels = registry.implementation("sinkhorn_backward", options.backend, cost.device.type)
     grad_cost, grad_a, grad_b = kernels.sinkhorn_backward(
         grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f_hist, g_hist, options.eps, options.grad,
-        needs_cost, needs_a, needs_b)
+        needs_cost, needs_a, needs_b, gemm_precision=options.gemm_precision)
     # Gradients not asked for come back as distinct empty tensors (outputs may not alias).
     return (grad_cost.to(cost.dtype) if needs_cost else _empty(cost), grad_a.to(a.dtype) if needs_a else _empty(a),
             grad_b.to(b.dtype) if needs_b else _empty(b))

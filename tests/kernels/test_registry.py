@@ -58,12 +58,33 @@ def test_the_torch_backend_serves_every_device_type():
 
 
 def test_every_usable_row_is_exercised_by_the_suite(request):
+    # Conditional rows included: their tests (each_backend(..., conditional=True)) exercise them
+    # inside their domain.
     exercised, files = request.config.stash[EXERCISED]
-    if not {"test_logits.py", "test_functional.py", "test_sinkhorn.py", "test_sparse.py"} <= files:
+    if not {"test_logits.py", "test_functional.py", "test_sinkhorn.py", "test_sinkhorn_gemm.py",
+            "test_sparse.py"} <= files:
         pytest.skip("only part of the suite was collected")
     wanted = {(family, backend) for family in registry.FAMILIES
               for backend in registry.usable_backends(family, DEVICE.type)}
+    assert any(row.condition for row in registry.rows()), "no conditional row left: simplify this test"
     assert wanted <= exercised, sorted(wanted - exercised)
+
+
+def test_conditional_rows_name_a_condition_that_answers_with_a_verdict():
+    """Every conditional row points at a function of its module; available_backends marks the
+    backend conditional and shows the row's note, which states the condition."""
+    report = fastkd.available_backends()
+    for row in registry.rows():
+        if not row.condition:
+            continue
+        assert callable(getattr(__import__(row.module, fromlist=[row.condition]), row.condition))
+        assert row.note
+        status = report[row.family][row.backend]
+        assert status.conditional and row.note in status.reason
+        # Without a description of the call the row serves nothing: auto passes it over.
+        verdict = registry.verdict(row, None, auto=True)
+        assert not verdict.serves and not verdict.auto and verdict.reason
+    assert not report["sinkhorn"]["torch"].conditional
 
 
 def test_no_backend_module_imports_another_backend():
@@ -81,7 +102,7 @@ def test_no_backend_module_imports_another_backend():
                         target = (node.module or alias.name).split(".")[-1]
                         backend = target.split("_")[0]
                         own = name.split("_")[0]
-                        if backend in ("torch", "triton", "native") and backend != own:
+                        if backend in ("torch", "triton", "native", "gemm") and backend != own:
                             print(f"{path}: imports {node.module or alias.name}")
     """)
     root = __import__("pathlib").Path(fastkd.__file__).parent.parent

@@ -155,18 +155,20 @@ def test_tol_none_runs_exactly_max_iter():
 
 # --- gradients -------------------------------------------------------------------------------
 
-def _solve_value(cost, a, b, eps):
-    return fastkd.sinkhorn(cost, a, b, eps=eps, max_iter=5000, tol=1e-13, grad="none", backend="torch").value
+def _solve_value(cost, a, b, eps, backend):
+    return fastkd.sinkhorn(cost, a, b, eps=eps, max_iter=5000, tol=1e-13, grad="none", backend=backend).value
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared"])
-def test_envelope_gradients_match_finite_differences(shared):
+# The gemm backend (a shared cost only) in float64: its envelope ∂/∂C is one GEMM over the batch.
+@pytest.mark.parametrize("shared, backend", [(False, "torch"), (True, "torch"), (True, "gemm")],
+                         ids=["batched", "shared", "shared-gemm"])
+def test_envelope_gradients_match_finite_differences(shared, backend):
     """∂value/∂C = P, and ∂value/∂a, ∂value/∂b along directions that keep Σa = Σb (the simplex's
     tangent space, the only directions balanced OT defines)."""
     B, n, m, eps, h = 2, 6, 5, 0.2, 1e-5
     cost, a, b = _problem(B, n, m, shared)
     leaves = [x.clone().requires_grad_() for x in (cost, a, b)]
-    out = fastkd.sinkhorn(*leaves, eps=eps, max_iter=5000, tol=1e-13, backend="torch")
+    out = fastkd.sinkhorn(*leaves, eps=eps, max_iter=5000, tol=1e-13, backend=backend)
     weights = torch.randn(B, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad((out.value * weights).sum(), leaves)
     for which, grad in enumerate(grads):
@@ -178,7 +180,7 @@ def test_envelope_gradients_match_finite_differences(shared):
         plus, minus = list(inputs), list(inputs)
         plus[which] = inputs[which] + h * direction
         minus[which] = inputs[which] - h * direction
-        fd = ((_solve_value(*plus, eps) - _solve_value(*minus, eps)) / (2 * h) * weights).sum()
+        fd = ((_solve_value(*plus, eps, backend) - _solve_value(*minus, eps, backend)) / (2 * h) * weights).sum()
         assert abs(float(fd) - float((grad * direction).sum())) <= 1e-7 * max(1.0, abs(float(fd)))
 
 
@@ -222,11 +224,11 @@ def test_unrolled_gradients_match_autograd_through_the_loop(backend, shared):
 def test_unrolled_saves_potentials_not_plans():
     B, n, m, n_iter = 4, 6, 5, 7
     cost, a, b = _problem(B, n, m, True)
-    outputs = sinkhorn_op(cost, a, b, 0.1, n_iter, -1.0, "unrolled", False, "torch")
+    outputs = sinkhorn_op(cost, a, b, 0.1, n_iter, -1.0, "unrolled", False, "torch", "fp32")
     f_hist, g_hist = outputs[7], outputs[8]
     assert f_hist.shape == (B, n_iter, n) and g_hist.shape == (B, n_iter, m)
     assert outputs[6].numel() == 0  # no plan unless asked
-    envelope = sinkhorn_op(cost, a, b, 0.1, n_iter, -1.0, "envelope", False, "torch")
+    envelope = sinkhorn_op(cost, a, b, 0.1, n_iter, -1.0, "envelope", False, "torch", "fp32")
     assert envelope[7].numel() == 0 and envelope[8].numel() == 0
 
 
@@ -244,7 +246,7 @@ def test_grad_modes_decide_what_carries_a_gradient():
 def test_custom_op_registration():
     cost, a, b = _problem(2, 4, 3, True)
     cost.requires_grad_()
-    torch.library.opcheck(sinkhorn_op, (cost, a, b, 0.1, 5, -1.0, "unrolled", True, "torch"),
+    torch.library.opcheck(sinkhorn_op, (cost, a, b, 0.1, 5, -1.0, "unrolled", True, "torch", "fp32"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -323,7 +325,7 @@ def test_compiled_forward_matches_torch_backend_in_fp32(shared, grad):
     for grad_got, grad_ref in zip(grads, ref_grads):
         assert rel_err(grad_got, grad_ref) <= 1e-5
     if grad == "unrolled":
-        ops = [sinkhorn_op(cost, a, b, 0.1, 8, -1.0, "unrolled", False, name) for name in ("torch", backend)]
+        ops = [sinkhorn_op(cost, a, b, 0.1, 8, -1.0, "unrolled", False, name, "fp32") for name in ("torch", backend)]
         for index in (7, 8):  # f̃ and g̃ histories
             assert rel_err(ops[1][index], ops[0][index]) <= 1e-5
 

@@ -1,7 +1,13 @@
 """The contract of the sinkhorn families: what a forward returns, in the internal potentials of
-sinkhorn/torch.py (f̃, g̃ stay finite where a marginal has zero mass; POT's f = f̃ + ε·log a)."""
+sinkhorn/torch.py (f̃, g̃ stay finite where a marginal has zero mass; POT's f = f̃ + ε·log a), and
+what a conditional row's condition is told about a call.
 
-from typing import NamedTuple
+Launchers (every backend, same signatures): ``sinkhorn_forward(cost, a, b, eps, max_iter, tol,
+save_history, return_plan, *, gemm_precision)`` → SinkhornOutputs and ``sinkhorn_backward(...,
+needs_cost, needs_a, needs_b, *, gemm_precision)`` (sinkhorn/torch.py); ``gemm_precision`` is
+read by the gemm backend only."""
+
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -36,3 +42,25 @@ def allocate_outputs(n_problems, n, m, max_iter, save_history, return_plan, devi
         new(n_problems, n, m) if return_plan else new(0),
         history(n_problems, max_iter, n, device=device) if save_history else new(0),
         history(n_problems, max_iter, m, device=device) if save_history else new(0))
+
+
+class SinkhornCall(NamedTuple):
+    """One call as the registry's conditions see it (sinkhorn/gemm.py ``condition``)."""
+
+    cost: torch.Tensor  # (n, m) shared or (B, n, m), as given
+    n_problems: int
+    eps: float
+    dtype: torch.dtype  # the compute dtype
+    # An upper bound on max(cost) − min(cost) known without reading the cost (e.g. 2 for L1
+    # distances between distributions), or None: a condition that needs it reads the cost.
+    cost_spread: Optional[float] = None
+
+
+def log_marginal(x):
+    """log x, −inf at zero masses."""
+    return torch.where(x > 0, x.log(), float("-inf"))
+
+
+def marginal_grad(log_grad, x):
+    """∂/∂x from ∂/∂log x; 0 at zero-mass entries (the support is held fixed)."""
+    return torch.where(x > 0, log_grad / torch.where(x > 0, x, 1.0), 0.0)

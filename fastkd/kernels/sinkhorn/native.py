@@ -23,10 +23,10 @@ def _cost_view(cost):
                                 stride_m=cost.stride(-1))
 
 
-def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
+def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan, *, gemm_precision="fp32"):
     """cost: (n, m) shared or (B, n, m), fp32|fp16|bf16; a: (B, n), b: (B, m) (stride-0 views
     allowed). tol < 0 runs exactly max_iter iterations. Returns SinkhornOutputs (contract.py), in
-    fp32 (n_iter int32)."""
+    fp32 (n_iter int32). ``gemm_precision``: unused (the gemm backend's)."""
     if cost.dtype not in KERNEL_DTYPES:
         raise TypeError(f"cost: the compiled Sinkhorn kernels take float32, float16 or bfloat16; got {cost.dtype}")
     if cost.dim() not in (2, 3):

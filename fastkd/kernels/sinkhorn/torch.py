@@ -24,7 +24,7 @@ problems frozen (the Triton kernels exit per problem instead).
 import torch
 
 from ..layout import compute_dtype
-from .contract import SinkhornOutputs
+from .contract import SinkhornOutputs, log_marginal, marginal_grad
 
 # Elements of one (problems × n × m) temporary: 4M fp32 elements = 16 MiB; about four are alive.
 CHUNK_ELEMENTS = 1 << 22
@@ -40,10 +40,6 @@ def _scaled_cost(cost, start, stop, dtype, inv_eps):
     """C/ε for problems [start, stop): (n, m) for a shared cost (broadcast), else (k, n, m)."""
     c = cost if cost.dim() == 2 else cost[start:stop]
     return c.to(dtype) * inv_eps
-
-
-def _log_marginal(x):
-    return torch.where(x > 0, x.log(), float("-inf"))
 
 
 def _column_lse(u, cs):
@@ -62,9 +58,10 @@ def _may_stop_early(device):
     return device.type == "cpu"
 
 
-def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
+def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan, *, gemm_precision="fp32"):
     """cost: (n, m) shared or (B, n, m); a: (B, n), b: (B, m) in the compute dtype (views with
-    stride 0 are fine). tol < 0 runs exactly max_iter iterations.
+    stride 0 are fine). tol < 0 runs exactly max_iter iterations. ``gemm_precision``: the gemm
+    backend's (this one multiplies no matrices).
 
     Returns SinkhornOutputs (contract.py) in the compute dtype.
     """
@@ -86,7 +83,7 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     for start, stop in _chunks(n_problems, n, m):
         cs = _scaled_cost(cost, start, stop, dtype, inv_eps)
         a_k, b_k = a[start:stop].to(dtype), b[start:stop].to(dtype)
-        la, lb = _log_marginal(a_k), _log_marginal(b_k)
+        la, lb = log_marginal(a_k), log_marginal(b_k)
         k = stop - start
         u = torch.where(a_k > 0, 0.0, float("-inf")).to(dtype)
         L = _column_lse(u, cs)
@@ -126,13 +123,8 @@ def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
     return SinkhornOutputs(value, value_linear, f_out, g_out, n_iter, err, plan, f_hist, g_hist)
 
 
-def _marginal_grad(log_grad, x):
-    """∂/∂x from ∂/∂log x; 0 at zero-mass entries (the support is held fixed)."""
-    return torch.where(x > 0, log_grad / torch.where(x > 0, x, 1.0), 0.0)
-
-
 def sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f_hist, g_hist, eps, mode,
-                      needs_cost, needs_a, needs_b):
+                      needs_cost, needs_a, needs_b, *, gemm_precision="fp32"):
     """Gradients of Σ grad_value·value + grad_value_linear·value_linear.
 
     mode "envelope": ∂value/∂C = P, ∂value/∂a = f̃ − mean(f̃), ∂value/∂b = g̃ − mean(g̃)
@@ -160,7 +152,7 @@ def sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f
     for start, stop in _chunks(n_problems, n, m):
         cs = _scaled_cost(cost, start, stop, dtype, inv_eps)
         a_k, b_k = a[start:stop].to(dtype), b[start:stop].to(dtype)
-        la, lb = _log_marginal(a_k), _log_marginal(b_k)
+        la, lb = log_marginal(a_k), log_marginal(b_k)
         u = torch.where(a_k > 0, la + f[start:stop] * inv_eps, float("-inf"))
         v = torch.where(b_k > 0, lb + g[start:stop] * inv_eps, float("-inf"))
         P = torch.exp(u[:, :, None] + v[:, None, :] - cs)
@@ -172,9 +164,9 @@ def sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f
                 f[start:stop], g[start:stop], P, n_iter[start:stop], f_hist[start:stop], g_hist[start:stop],
                 needs_cost)
             if needs_a:
-                grad_a[start:stop] = _marginal_grad(la_bar, a_k)
+                grad_a[start:stop] = marginal_grad(la_bar, a_k)
             if needs_b:
-                grad_b[start:stop] = _marginal_grad(lb_bar, b_k)
+                grad_b[start:stop] = marginal_grad(lb_bar, b_k)
         if needs_cost:
             if cost.dim() == 2:
                 grad_cost += chunk_grad.sum(0)

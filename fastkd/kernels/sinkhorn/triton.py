@@ -44,9 +44,10 @@ def _fits_on_chip(n, m):
 
 
 @on_tensor_device
-def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan):
+def sinkhorn_forward(cost, a, b, eps, max_iter, tol, save_history, return_plan, *, gemm_precision="fp32"):
     """cost: (n, m) shared or (B, n, m), fp32|fp16|bf16; a: (B, n), b: (B, m) fp32 (stride-0 views
-    allowed). Returns SinkhornOutputs (contract.py), in fp32."""
+    allowed). Returns SinkhornOutputs (contract.py), in fp32. ``gemm_precision``: unused (the gemm
+    backend's)."""
     device = cost.device
     n_problems, n = a.shape
     m = b.shape[1]
@@ -70,8 +71,8 @@ def _cost_grad(cost, a, b, f, g, coef_p, coef_c, coef_fg, n_iter, eps, history):
 
 @on_tensor_device
 def sinkhorn_backward(grad_value, grad_value_linear, cost, a, b, f, g, n_iter, f_hist, g_hist, eps, mode,
-                      needs_cost, needs_a, needs_b):
-    """As sinkhorn/torch.py's sinkhorn_backward; fp32 results."""
+                      needs_cost, needs_a, needs_b, *, gemm_precision="fp32"):
+    """As sinkhorn/torch.py's sinkhorn_backward; fp32 results. ``gemm_precision``: unused."""
     device = cost.device
     n_problems, n = a.shape
     m = b.shape[1]
