@@ -165,7 +165,7 @@ def reference(inputs, rows_per_chunk=256):
         chunk = eager_jsd(rows, weight, teacher_hidden[start:start + rows_per_chunk], teacher_weight)
         chunk = chunk * rows.shape[0] / n_rows  # eager_jsd averages over its own rows
         g_rows, g_weight = torch.autograd.grad(chunk, (rows, weight))
-        total += float(chunk)
+        total += float(chunk.detach())
         grad_hidden.append(g_rows)
         grad_weight += g_weight
     return torch.tensor(total, dtype=torch.float64), torch.cat(grad_hidden), grad_weight
