@@ -12,8 +12,7 @@ from .topk_cache import TopKCache, TopKCacheWriter
 
 __version__ = "0.1.0"
 
-__all__ = ["DIVERGENCES", "FusedLinearKDLoss", "FusedLinearSparseKDLoss", "FusedLoss", "KDLoss", "SinkhornKDLoss",
-           "SinkhornResult", "SparseKDLoss", "ULDLoss", "WassersteinKDLoss", "available_backends", "compat",
-           "fused_linear_kd_loss", "fused_linear_sparse_kd_loss", "kd_loss", "sinkhorn", "sinkhorn_kd_loss",
-           "sparse_kd_loss", "uld_loss", "wasserstein_kd_loss"]
-__all__ += ["TopK", "TopKCache", "TopKCacheWriter", "fused_linear_topk"]
+__all__ = ["available_backends", "compat", "DIVERGENCES", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss",
+           "fused_linear_topk", "FusedLinearKDLoss", "FusedLinearSparseKDLoss", "FusedLoss", "kd_loss", "KDLoss",
+           "sinkhorn", "sinkhorn_kd_loss", "SinkhornKDLoss", "SinkhornResult", "sparse_kd_loss", "SparseKDLoss",
+           "TopK", "TopKCache", "TopKCacheWriter", "uld_loss", "ULDLoss", "wasserstein_kd_loss", "WassersteinKDLoss"]
