@@ -9,6 +9,7 @@
 
 #include "fastkd/common/cpu_rows.h"
 #include "fastkd/common/dispatch.h"
+#include "fastkd/logits/cpu_kd_rows.h"
 #include "fastkd/logits/kd_rows.h"
 
 namespace fastkd {
@@ -19,23 +20,13 @@ using cpu::LseState;
 using cpu::load_scaled;
 using cpu::lse_add_block;
 using cpu::block_max;
+using cpu::write_row_outputs;
 using cpu::row_pointer;
 using cpu::storage_t;
 using ShiftedKlState = ShiftedKlStateT<double>;
 
 bool row_is_active(const KdRowsArgs& args, int64_t row) {
   return args.labels == nullptr || args.labels[row] != args.ignore_index;
-}
-
-void write_row_outputs(float* loss, float* stats, int64_t row, float row_loss, float max_s, float log_sum_s,
-                       float max_t, float log_sum_t, float aux) {
-  loss[row] = row_loss;
-  float* out = stats + row * kNumStats;
-  out[kMaxS] = max_s;
-  out[kLogSumS] = log_sum_s;
-  out[kMaxT] = max_t;
-  out[kLogSumT] = log_sum_t;
-  out[kAux] = aux;
 }
 
 // ------------------------------------------------------------------------------------------

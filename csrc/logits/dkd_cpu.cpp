@@ -12,6 +12,7 @@
 
 #include "fastkd/common/cpu_rows.h"
 #include "fastkd/common/dispatch.h"
+#include "fastkd/logits/cpu_kd_rows.h"
 #include "fastkd/logits/dkd_rows.h"
 
 namespace fastkd {
@@ -22,6 +23,7 @@ using cpu::block_max;
 using cpu::load_scaled;
 using cpu::row_pointer;
 using cpu::storage_t;
+using cpu::write_row_outputs;
 using ShiftedKlState = ShiftedKlStateT<double>;
 
 constexpr float kNan = std::numeric_limits<float>::quiet_NaN();
@@ -31,17 +33,6 @@ int64_t target_of(const KdRowsArgs& args, int64_t row) {
   const int64_t label = args.labels[row];
   if (label == args.ignore_index) return -1;
   return (label >= 0 && label < args.n_cols) ? label : -2;
-}
-
-void write_row(float* loss, float* stats, int64_t row, float row_loss, float max_s, float log_sum_s, float max_t,
-               float log_sum_t, float aux) {
-  loss[row] = row_loss;
-  float* out = stats + row * kNumStats;
-  out[kMaxS] = max_s;
-  out[kLogSumS] = log_sum_s;
-  out[kMaxT] = max_t;
-  out[kLogSumT] = log_sum_t;
-  out[kAux] = aux;
 }
 
 // a·(log a − log b) of one side of the binary KL, 0 where a is 0.
@@ -92,8 +83,8 @@ FASTKD_ROW_CLONES void dkd_forward_row(const KdRowsArgs& args, float alpha, int6
   const float log_q_y = s_y - log_all_s, log_q_rest = log_sum_s - log_all_s;
   const float log_p_y = t_y - log_all_t, log_p_rest = log_sum_t - log_all_t;
   const float tckd = binary_kl_term(log_p_y, log_q_y) + binary_kl_term(log_p_rest, log_q_rest);
-  write_row(loss, stats, row, alpha * tckd + args.divergence.param * nckd, state.b.m, log_sum_s, state.a.m, log_sum_t,
-            std::exp(log_q_y) - std::exp(log_p_y));
+  write_row_outputs(loss, stats, row, alpha * tckd + args.divergence.param * nckd, state.b.m, log_sum_s, state.a.m,
+                    log_sum_t, std::exp(log_q_y) - std::exp(log_p_y));
 }
 
 // ∂L/∂s_j = q̂_j·(beta − alpha·aux) − beta·p̂_j off the target, alpha·aux at it; times
@@ -150,9 +141,9 @@ void dkd_rows_forward_cpu(const KdRowsArgs& args, float alpha, float* loss, floa
       cpu::for_each_row(args.n_rows, n_threads, [&](int64_t row) {
         const int64_t target = target_of(args, row);
         if (target == -1) {
-          write_row(loss, stats, row, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+          write_row_outputs(loss, stats, row, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
         } else if (target == -2) {
-          write_row(loss, stats, row, kNan, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+          write_row_outputs(loss, stats, row, kNan, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
         } else {
           dkd_forward_row<DS, DT>(args, alpha, row, target, loss, stats);
         }
