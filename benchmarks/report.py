@@ -82,25 +82,52 @@ def environment(device):
     }
 
 
-def _number(value, spec):
-    return "n/a" if value is None else format(value, spec)
+def number(value, spec, suffix=""):
+    """A table cell for a number, or n/a where there is none."""
+    return "n/a" if value is None else format(value, spec) + suffix
+
+
+def check_cell(m, floor=False):
+    """The check column: ok (or floor, for a provider that is the floor), else the failure, and any note."""
+    check = "floor" if floor else (m["check"] if m["check"] in ("ok", "floor") else
+                                   f"{m['check'].upper()}: {m['check_detail']}")
+    return check + (f" ({m['note']})" if m["note"] else "")
 
 
 def table_row(m):
     spread = "n/a" if m["median_ms"] is None else f"{m['q20_ms']:.4g}–{m['q80_ms']:.4g}"
-    check = m["check"] if m["check"] == "ok" else f"{m['check'].upper()}: {m['check_detail']}"
-    if m["note"]:
-        check += f" ({m['note']})"
     return (m["op"], m["divergence"], m["dtype"], str(m["N"]), str(m["V"]), m["provider"], m["mode"],
-            _number(m["median_ms"], ".4g"), spread, _number(m["floor_fraction"], ".2f"),
-            _number(m["speedup_vs_eager"], ".2f") + ("×" if m["speedup_vs_eager"] is not None else ""),
-            _number(m["peak_extra_mib"], ".1f"), check)
+            number(m["median_ms"], ".4g"), spread, number(m["floor_fraction"], ".2f"),
+            number(m["speedup_vs_eager"], ".2f", "×"), number(m["peak_extra_mib"], ".1f"), check_cell(m))
 
 
 def markdown_table(measurements):
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(table_row(m)) + " |" for m in measurements]
     return "\n".join(lines)
+
+
+def op_table(columns, rows, case_cells, ratio_keys, floor_provider=None):
+    """One op's Markdown table: case_cells(row) gives its leading cells (the case and provider),
+    then come the median, the q20–q80 spread, each ratio of ratio_keys (×), the peak extra memory
+    and the check."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        spread = "n/a" if r["median_ms"] is None else f"{r['q20_ms']:.3g}–{r['q80_ms']:.3g}"
+        cells = (*case_cells(r), number(r["median_ms"], ".4g"), spread,
+                 *(number(r[key], ".2f", "×") for key in ratio_keys), number(r["peak_extra_mib"], ".1f"),
+                 check_cell(r, floor=r["provider"] == floor_provider))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def add_ratio(rows, key, baseline, speedup):
+    """row[key] for every timed row against the provider ``baseline``: its time over this one's
+    (speedup) or this one's over its; left as it is where either time is missing."""
+    base = next((r["median_ms"] for r in rows if r["provider"] == baseline), None)
+    for row in rows:
+        if base and row["median_ms"]:
+            row[key] = base / row["median_ms"] if speedup else row["median_ms"] / base
 
 
 def _load(averages):

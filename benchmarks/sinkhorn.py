@@ -220,23 +220,10 @@ COLUMNS = ("case", "B", "n×m", "eps", "iters", "mode", "provider", "median ms",
            "peak extra MiB", "check")
 
 
-def _cell(value, spec):
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown_table(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        spread = "n/a" if r["median_ms"] is None else f"{r['q20_ms']:.3g}–{r['q80_ms']:.3g}"
-        check = r["check"] if r["check"] == "ok" else f"{r['check'].upper()}: {r['check_detail']}"
-        if r["note"]:
-            check += f" ({r['note']})"
-        lines.append("| " + " | ".join((
-            r["kind"], str(r["B"]), f"{r['n']}×{r['m']}", str(r["eps"]), str(r["n_iter"]), r["mode"], r["provider"],
-            _cell(r["median_ms"], ".4g"), spread,
-            _cell(r["speedup_vs_peer"], ".2f") + ("×" if r["speedup_vs_peer"] else ""),
-            _cell(r["peak_extra_mib"], ".1f"), check)) + " |")
-    return "\n".join(lines)
+    return report.op_table(COLUMNS, rows, lambda r: (r["kind"], str(r["B"]), f"{r['n']}×{r['m']}", str(r["eps"]),
+                                                     str(r["n_iter"]), r["mode"], r["provider"]),
+                           ("speedup_vs_peer",))
 
 
 def run(suite_name, device, out_dir):

@@ -180,11 +180,8 @@ def run_case(case, device, suite_name, notes, label):
         print(f"{label} {provider_label(index, len(steps), name)}: "
               + (f"{row['median_ms']:.4g} ms" if row["median_ms"] else row["note"])
               + (f" ({row['check']}: {row['check_detail']})" if checked else ""), flush=True)
-    by_name = {r["provider"]: r["median_ms"] for r in rows}
-    for row in rows:
-        if row["median_ms"]:
-            row["vs_gemm"] = row["median_ms"] / by_name["gemm"] if by_name.get("gemm") else None
-            row["speedup_vs_eager"] = by_name["eager"] / row["median_ms"] if by_name.get("eager") else None
+    report.add_ratio(rows, "vs_gemm", "gemm", speedup=False)
+    report.add_ratio(rows, "speedup_vs_eager", "eager", speedup=True)
     return rows
 
 
@@ -192,22 +189,9 @@ COLUMNS = ("N", "H", "V", "k", "dtype", "provider", "median ms", "q20–q80 ms",
            "peak extra MiB", "check")
 
 
-def _cell(value, spec, suffix=""):
-    return "n/a" if value is None else format(value, spec) + suffix
-
-
 def markdown_table(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        spread = "n/a" if r["median_ms"] is None else f"{r['q20_ms']:.3g}–{r['q80_ms']:.3g}"
-        check = r["check"] if r["check"] in ("ok", "floor") else f"{r['check'].upper()}: {r['check_detail']}"
-        if r["note"]:
-            check += f" ({r['note']})"
-        lines.append("| " + " | ".join((
-            str(r["N"]), str(r["H"]), str(r["V"]), str(r["k"]), r["dtype"], r["provider"],
-            _cell(r["median_ms"], ".4g"), spread, _cell(r["vs_gemm"], ".2f", "×"),
-            _cell(r["speedup_vs_eager"], ".2f", "×"), _cell(r["peak_extra_mib"], ".1f"), check)) + " |")
-    return "\n".join(lines)
+    return report.op_table(COLUMNS, rows, lambda r: (str(r["N"]), str(r["H"]), str(r["V"]), str(r["k"]), r["dtype"],
+                                                     r["provider"]), ("vs_gemm", "speedup_vs_eager"))
 
 
 def run(suite_name, device, out_dir):

@@ -204,32 +204,16 @@ def run_case(case, device, suite_name, notes):
             extra = _cpu_memory(case, name)
             row["peak_extra_mib"] = None if extra is None else extra / _MIB
         print(f"{label} {name}: {row['median_ms']:.4g} ms ({row['check']}: {row['check_detail']})", flush=True)
-    eager = next((r["median_ms"] for r in rows if r["provider"] == "eager"), None)
-    for row in rows:
-        if eager and row["median_ms"]:
-            row["speedup_vs_eager"] = eager / row["median_ms"]
+    report.add_ratio(rows, "speedup_vs_eager", "eager", speedup=True)
     return rows
 
 
 COLUMNS = ("loss", "B", "C", "provider", "median ms", "q20–q80 ms", "vs eager", "peak extra MiB", "check")
 
 
-def _cell(value, spec):
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown_table(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        spread = "n/a" if r["median_ms"] is None else f"{r['q20_ms']:.3g}–{r['q80_ms']:.3g}"
-        check = r["check"] if r["check"] == "ok" else f"{r['check'].upper()}: {r['check_detail']}"
-        if r["note"]:
-            check += f" ({r['note']})"
-        lines.append("| " + " | ".join((
-            r["loss"], str(r["B"]), str(r["C"]), r["provider"], _cell(r["median_ms"], ".4g"), spread,
-            _cell(r["speedup_vs_eager"], ".2f") + ("×" if r["speedup_vs_eager"] else ""),
-            _cell(r["peak_extra_mib"], ".1f"), check)) + " |")
-    return "\n".join(lines)
+    return report.op_table(COLUMNS, rows, lambda r: (r["loss"], str(r["B"]), str(r["C"]), r["provider"]),
+                           ("speedup_vs_eager",))
 
 
 def run(suite_name, device, out_dir):
