@@ -7,6 +7,7 @@
 
 #include "fastkd/common/build.h"
 #include "fastkd/cross_entropy/ce_rows.h"
+#include "fastkd/logits/dkd_rows.h"
 #include "fastkd/logits/kd_rows.h"
 #include "fastkd/sinkhorn/sinkhorn.h"
 
@@ -28,6 +29,14 @@ void kd_rows_forward_cuda(const KdRowsArgs& args, float*, float*, int, uintptr_t
 }
 void kd_rows_backward_cuda(const KdRowsArgs& args, const float*, const float*, void*, int, uintptr_t) {
   check_kd_rows_args(args);
+  no_cuda();
+}
+void dkd_rows_forward_cuda(const KdRowsArgs& args, float, float*, float*, int, uintptr_t) {
+  check_dkd_rows_args(args);
+  no_cuda();
+}
+void dkd_rows_backward_cuda(const KdRowsArgs& args, float, const float*, const float*, void*, int, uintptr_t) {
+  check_dkd_rows_args(args);
   no_cuda();
 }
 void kl_div_rows_forward_cuda(const KlDivRowsArgs& args, float*, int, uintptr_t) {

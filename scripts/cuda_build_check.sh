@@ -32,17 +32,20 @@ spec = importlib.util.spec_from_file_location("fastkd._C", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 assert module.with_cuda, "fastkd._C was built without its CUDA part"
-missing = [name for name in ("kd_rows_forward_cuda", "kd_rows_backward_cuda", "kl_div_rows_forward_cuda",
+missing = [name for name in ("kd_rows_forward_cuda", "kd_rows_backward_cuda", "dkd_rows_forward_cuda",
+                             "dkd_rows_backward_cuda", "kl_div_rows_forward_cuda",
                              "kl_div_rows_backward_cuda", "ce_rows_forward_cuda", "ce_rows_backward_cuda",
                              "sinkhorn_forward_cuda") if not hasattr(module, name)]
 assert not missing, missing
-assert set(module.contract()) == {"divergence_codes", "stats_columns", "ce_stats_columns", "dtype_codes"}
+assert set(module.contract()) == {"divergence_codes", "stats_columns", "standardized_stats_columns",
+                                  "ce_stats_columns", "dtype_codes"}
 print("loads: with_cuda=True, CUDA entry points and contract() present")
 PY
 
 # Device code: the fat binary section must exist and name the kernels of every family.
 objdump -h "$so" | grep -q '\.nv_fatbin' || { echo "no .nv_fatbin section in $so" >&2; exit 1; }
-for kernel in kl_forward_kernel two_pass_forward_kernel backward_kernel kl_div_forward_kernel kl_div_backward_kernel \
+for kernel in kl_forward_kernel two_pass_forward_kernel backward_kernel transformed_backward_kernel dkd_forward_kernel \
+              dkd_backward_kernel kl_div_forward_kernel kl_div_backward_kernel \
               ce_forward_kernel ce_backward_kernel sinkhorn_forward_kernel; do
     grep -aq "$kernel" "$so" || { echo "kernel $kernel missing from $so" >&2; exit 1; }
 done

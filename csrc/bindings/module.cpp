@@ -39,6 +39,7 @@ py::dict contract() {
   py::dict out;
   out["divergence_codes"] = code_dict(kDivergenceCodes);
   out["stats_columns"] = column_list(kStatsColumns);
+  out["standardized_stats_columns"] = column_list(kStandardizedStatsColumns);
   out["ce_stats_columns"] = column_list(kCeStatsColumns);
   out["dtype_codes"] = code_dict(kDTypeCodes);
   return out;
@@ -73,7 +74,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastkd compiled kernels (torch-ABI-free): argument structs built with keywords, raw addresses";
   m.def("contract", &b::contract,
         "The codes and layouts fastkd._C was compiled with: {'divergence_codes': {name: code}, "
-        "'stats_columns': [names in column order], 'ce_stats_columns': [...], 'dtype_codes': {name: code}}. "
+        "'stats_columns': [names in column order], 'standardized_stats_columns': [...], 'ce_stats_columns': [...], "
+        "'dtype_codes': {name: code}}. "
         "fastkd.backends.native.check_contract compares them with Python's.");
   m.attr("with_cuda") = fastkd::built_with_cuda();
   b::bind_rows_view(m);

@@ -24,6 +24,7 @@ def expected_contract():
     return {
         "divergence_codes": dict(logits_contract.DIVERGENCE_CODES),
         "stats_columns": list(logits_contract.STATS_COLUMNS),
+        "standardized_stats_columns": list(logits_contract.STANDARDIZED_STATS_COLUMNS),
         "ce_stats_columns": list(logits_contract.CE_STATS_COLUMNS),
         "dtype_codes": {str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()},
     }

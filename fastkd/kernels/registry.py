@@ -91,8 +91,10 @@ _TORCH_SPARSE = "fastkd.kernels.sparse.torch"
 ROWS = (
     Implementation("kd_rows", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton"),
     Implementation("kd_rows", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton"),
-    # dkd: csrc/logits/dkd_cpu.cpp (one pass forward, one backward); no CUDA kernel yet.
-    Implementation("kd_rows", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native", features=frozenset({"dkd"})),
+    # dkd: csrc/logits/dkd_cpu.cpp (one pass forward, one backward). The logit transforms: a template
+    # flag (the plain path unchanged); standardize adds one moments pass forward and one write pass
+    # backward (docs/csrc.md).
+    Implementation("kd_rows", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native", features=FEATURES),
     Implementation("kd_rows", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native"),
     Implementation("kd_rows", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch", features=FEATURES),
 

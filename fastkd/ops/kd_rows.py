@@ -12,7 +12,7 @@ import torch
 
 from ..kernels import registry
 from ..kernels.layout import compute_dtype
-from ..kernels.logits.contract import N_STATS
+from ..kernels.logits.contract import n_stats
 from ..options import KDOptions
 from .schema import define, flatten, no_gradients, unflatten
 
@@ -24,16 +24,17 @@ def _kernels(options, tensor):
 @define("kd_rows", "Tensor student, Tensor teacher, Tensor? labels", KDOptions, "(Tensor, Tensor)")
 def _kd_rows(student, teacher, labels, *values):
     """student, teacher: (N, V) or (B, T, V); labels: (N,) or None, N the number of rows.
-    Returns (loss (N,), stats (N, 5)) in the compute dtype."""
+    Returns (loss (N,), stats (N, 5), or (N, 9) with standardize) in the compute dtype."""
     options, _ = unflatten(KDOptions, values)
     return _kernels(options, student).kd_rows_forward(student, teacher, labels, options.spec, options.ignore_index)
 
 
 @_kd_rows.register_fake
 def _kd_rows_fake(student, teacher, labels, *values):
+    options, _ = unflatten(KDOptions, values)
     dtype = compute_dtype(student, teacher)
     n_rows = math.prod(student.shape[:-1])
-    return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, N_STATS, dtype=dtype)
+    return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, n_stats(options.spec), dtype=dtype)
 
 
 @define("kd_rows_backward", "Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats",

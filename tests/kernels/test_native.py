@@ -24,6 +24,8 @@ DOCUMENTED_CONTRACT = {
     "divergence_codes": {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
                          "skew_reverse_kl": 4, "tvd": 5},
     "stats_columns": ["max_s", "log_sum_s", "max_t", "log_sum_t", "aux"],
+    "standardized_stats_columns": ["max_s", "log_sum_s", "max_t", "log_sum_t", "aux", "mean_s", "std_s", "mean_t",
+                                   "std_t"],
     "ce_stats_columns": ["max", "log_sum"],
     "dtype_codes": {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3},
 }
@@ -43,6 +45,10 @@ def test_python_side_of_the_contract_is_the_documented_one():
     assert [contract.MAX_S, contract.LOG_SUM_S, contract.MAX_T, contract.LOG_SUM_T, contract.AUX] == \
         [columns.index(name) for name in ("max_s", "log_sum_s", "max_t", "log_sum_t", "aux")]
     assert contract.N_STATS == len(columns)
+    wide = DOCUMENTED_CONTRACT["standardized_stats_columns"]
+    assert [contract.MEAN_S, contract.STD_S, contract.MEAN_T, contract.STD_T] == \
+        [wide.index(name) for name in ("mean_s", "std_s", "mean_t", "std_t")]
+    assert contract.N_STANDARDIZED_STATS == len(wide) and wide[:len(columns)] == columns
 
 
 def _drifted(**changes):

@@ -1,16 +1,18 @@
 """Launchers of the compiled kd_rows and kl_div kernels of fastkd._C (csrc/logits/cpu.cpp,
-csrc/logits/cuda.cu; dkd: csrc/logits/dkd_cpu.cpp, CPU only): the ``native`` backend of those
+csrc/logits/cuda.cu; dkd: csrc/logits/dkd_cpu.cpp and cuda.cu): the ``native`` backend of those
 families. Same signatures and outputs as the torch implementation (logits/torch.py); the tensors'
-device picks the CPU or CUDA entry point.
+device picks the CPU or CUDA entry point. The spec's logit transforms (logit scale, soft-cap,
+standardize; fastkd/logit_transforms.py) travel in the call's ``_C.LogitTransforms``.
 
-Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 statistics.
+Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 statistics, (N, 9)
+with standardize (contract.n_stats: each side's mean and std too).
 """
 
 import torch
 
 from ..layout import KERNEL_DTYPES, row_shape
 from ..native_ext import extension, int64_labels, launch, rows_view
-from .contract import DIVERGENCE_CODES, N_STATS
+from .contract import DIVERGENCE_CODES, n_stats
 
 
 def _check_pair(first_name, first, second_name, second):
@@ -24,11 +26,22 @@ def _check_pair(first_name, first, second_name, second):
                          f"{tuple(second.shape)} on {second.device} must match in shape and device")
 
 
-def _check_dkd_built(name):
+def _check_dkd_built(name, device):
     # The contract does not cover entry points: an extension built before the dkd kernels passes it.
-    if not hasattr(extension(), name + "_cpu"):
-        raise RuntimeError(f"fastkd._C has no {name}_cpu: it was built before the dkd kernels; rebuild it: "
+    entry = f"{name}_{'cpu' if device.type == 'cpu' else 'cuda'}"
+    if not hasattr(extension(), entry):
+        raise RuntimeError(f"fastkd._C has no {entry}: it was built before the dkd kernels; rebuild it: "
                            "pip install --no-build-isolation -e .")
+
+
+def _transforms(spec):
+    """The spec's logit transforms as _C.LogitTransforms (the identity when it has none)."""
+    ext = extension()
+    if not spec.transforms_logits:
+        return ext.LogitTransforms()
+    return ext.LogitTransforms(student_scale=spec.student_scale, student_softcap=spec.student_softcap,
+                               teacher_scale=spec.teacher_scale, teacher_softcap=spec.teacher_softcap,
+                               standardize=spec.standardize, eps=spec.standardize_eps)
 
 
 def _kd_rows_args(student, teacher, labels, spec, ignore_index):
@@ -41,7 +54,7 @@ def _kd_rows_args(student, teacher, labels, spec, ignore_index):
                                       param=spec.param, log_param=spec.log_param, log1m_param=spec.log1m_param)
     return ext.KdRowsArgs(n_rows=n_rows, n_cols=n_cols, student=rows_view(student), teacher=rows_view(teacher),
                           labels=0 if labels is None else labels.data_ptr(), ignore_index=ignore_index,
-                          divergence=divergence)
+                          divergence=divergence, transforms=_transforms(spec))
 
 
 def _kl_div_rows_args(input, target, log_target):
@@ -52,17 +65,18 @@ def _kl_div_rows_args(input, target, log_target):
 
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V), fp32|fp16|bf16 (may differ), one device;
-    labels: (N,) int or None. Returns (loss (N,), stats (N, 5)) fp32, zeros on ignored rows."""
+    labels: (N,) int or None. Returns (loss (N,), stats (N, contract.n_stats(spec))) fp32, zeros on
+    ignored rows."""
     _check_pair("student", student, "teacher", teacher)
     n_rows = row_shape(student)[0]
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    stats = torch.empty(n_rows, N_STATS, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n_rows, n_stats(spec), dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return loss, stats
     labels = int64_labels(labels, n_rows)
     args = _kd_rows_args(student, teacher, labels, spec, ignore_index)
-    if spec.name == "dkd":  # csrc/logits/dkd_cpu.cpp
-        _check_dkd_built("dkd_rows_forward")
+    if spec.name == "dkd":  # csrc/logits/dkd_cpu.cpp, cuda.cu
+        _check_dkd_built("dkd_rows_forward", student.device)
         launch("dkd_rows_forward", student.device, args, alpha=spec.alpha, loss=loss.data_ptr(),
                stats=stats.data_ptr())
     else:
@@ -71,7 +85,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
 
 
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
-    """grad_loss: (N,); stats: (N, 5) from the forward.
+    """grad_loss: (N,); stats: (N, contract.n_stats(spec)) from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
     _check_pair("student", student, "teacher", teacher)
     n_rows = row_shape(student)[0]
@@ -80,13 +94,14 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
         return grad
     grad_loss = grad_loss.to(torch.float32).contiguous()  # autograd often hands in an expanded scalar
     stats = stats.to(torch.float32).contiguous()
-    if grad_loss.numel() != n_rows or stats.shape != (n_rows, N_STATS):
-        raise ValueError(f"grad_loss must be ({n_rows},) and stats ({n_rows}, {N_STATS}); got "
+    width = n_stats(spec)
+    if grad_loss.numel() != n_rows or stats.shape != (n_rows, width):
+        raise ValueError(f"grad_loss must be ({n_rows},) and stats ({n_rows}, {width}); got "
                          f"{tuple(grad_loss.shape)} and {tuple(stats.shape)}")
     labels = int64_labels(labels, n_rows)
     args = _kd_rows_args(student, teacher, labels, spec, ignore_index)
     if spec.name == "dkd":
-        _check_dkd_built("dkd_rows_backward")
+        _check_dkd_built("dkd_rows_backward", student.device)
         launch("dkd_rows_backward", student.device, args, alpha=spec.alpha, grad_loss=grad_loss.data_ptr(),
                stats=stats.data_ptr(), grad=grad.data_ptr())
     else:

@@ -12,7 +12,7 @@ import torch
 from ... import divergences, logit_transforms
 from ..layout import compute_dtype, row_chunks, rows_slice
 from ..torch_scratch import Scratch
-from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS
+from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS, n_stats
 
 # Elements of one (rows × V) temporary: 1M fp32 elements = 4 MiB; JSD keeps about a dozen alive.
 CHUNK_ELEMENTS = 1 << 20
@@ -62,15 +62,18 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V) logits; labels: (N,) int or None (dkd: required,
     the target class of each row).
 
-    Returns (loss (N,), stats (N, 5)) in the compute dtype: per row the max and log-sum-exp
-    offset of student / T and teacher / T (dkd: over the non-target classes), and the gradient
-    constant ``aux``. Rows whose label is ``ignore_index`` get zeros.
+    Returns (loss (N,), stats (N, contract.n_stats(spec))) in the compute dtype: per row the max and
+    log-sum-exp offset of student / T and teacher / T (dkd: over the non-target classes), and the
+    gradient constant ``aux``; with standardize four zero columns (this backward recomputes the
+    means and stds). Rows whose label is ``ignore_index`` get zeros.
     """
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
     dtype = compute_dtype(student, teacher)
     loss = torch.empty(n_rows, dtype=dtype, device=student.device)
-    stats = torch.empty(n_rows, N_STATS, dtype=dtype, device=student.device)
+    # With standardize: (N, 9), the mean/std columns zero (the backward recomputes them from x).
+    stats = (torch.zeros if spec.standardize else torch.empty)(n_rows, n_stats(spec), dtype=dtype,
+                                                              device=student.device)
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
@@ -93,7 +96,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
             row_loss = torch.where(active, row_loss, 0.0)
             row_stats = torch.where(active[:, None], row_stats, 0.0)
         loss[start:stop] = row_loss
-        stats[start:stop] = row_stats
+        stats[start:stop, :N_STATS] = row_stats
     return loss, stats
 
 
@@ -135,7 +138,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
-        row_stats = stats[start:stop].to(dtype)
+        row_stats = stats[start:stop, :N_STATS].to(dtype)
         if spec.name == "dkd":
             direct = not spec.transforms_logits and grad.dtype == dtype
             out = grad_rows[start:stop] if direct else scratch(grad_rows[start:stop], dtype)
@@ -231,7 +234,7 @@ def ce_rows_backward(grad_loss, logits, labels, stats, ignore_index, out):
     for start, stop in _row_chunks(n_rows, n_cols):
         x = logits[start:stop].to(dtype)
         label = labels[start:stop]
-        row_stats = stats[start:stop].to(dtype)
+        row_stats = stats[start:stop, :N_STATS].to(dtype)
         active = label != ignore_index
         # Ignored rows carry zero statistics: exp(logit − 0) would overflow to inf and inf·0 = NaN.
         log_p = divergences.log_probs(x, row_stats[:, 0], row_stats[:, 1])

@@ -23,6 +23,17 @@ void dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
+// A runtime flag → a compile-time bool (std::true_type / std::false_type), e.g. "this call
+// transforms its logits", so the plain path compiles without the flag's code.
+template <class F>
+void dispatch_bool(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 inline bool is_kernel_dtype(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16;
 }

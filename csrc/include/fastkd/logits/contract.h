@@ -1,5 +1,5 @@
 // The logits family's side of the Python ↔ C++ contract: divergence codes and the columns of the
-// (N, 5) per-row statistics. Python's side: fastkd/backends/native.py (checked at import by
+// (N, 5) per-row statistics (N, 9 with standardize). Python's side: fastkd/backends/native.py (checked at import by
 // check_contract against fastkd._C.contract(), which exports the tables below).
 #pragma once
 
@@ -30,5 +30,17 @@ inline constexpr NamedCode kStatsColumns[] = {
 };
 static_assert(sizeof(kStatsColumns) / sizeof(NamedCode) == kNumStats && is_column_table(kStatsColumns),
               "kStatsColumns must name each of the kNumStats columns once");
+
+// With standardize the rows are (N, 9): the five above, then the mean and sample std of each side's
+// scaled and soft-capped logits (logit_transforms.py), which the backward needs to redo z.
+enum StandardizedStatsColumn : int { kMeanS = 5, kStdS = 6, kMeanT = 7, kStdT = 8, kNumStatsStandardized = 9 };
+
+inline constexpr NamedCode kStandardizedStatsColumns[] = {
+    {"max_s", kMaxS},   {"log_sum_s", kLogSumS}, {"max_t", kMaxT}, {"log_sum_t", kLogSumT}, {"aux", kAux},
+    {"mean_s", kMeanS}, {"std_s", kStdS},        {"mean_t", kMeanT}, {"std_t", kStdT},
+};
+static_assert(sizeof(kStandardizedStatsColumns) / sizeof(NamedCode) == kNumStatsStandardized &&
+                  is_column_table(kStandardizedStatsColumns),
+              "kStandardizedStatsColumns must name each of the kNumStatsStandardized columns once");
 
 }  // namespace fastkd

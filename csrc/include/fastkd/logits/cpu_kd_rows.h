@@ -11,16 +11,27 @@
 namespace fastkd {
 namespace cpu {
 
-// The forward's outputs of one row: its loss and its (kNumStats) saved statistics.
+// The forward's outputs of one row: its loss and its first kNumStats saved statistics (rows of
+// `width` columns: kNumStats, or kNumStatsStandardized with standardize).
 inline void write_row_outputs(float* loss, float* stats, int64_t row, float row_loss, float max_s, float log_sum_s,
-                              float max_t, float log_sum_t, float aux) {
+                              float max_t, float log_sum_t, float aux, int64_t width = kNumStats) {
   loss[row] = row_loss;
-  float* out = stats + row * kNumStats;
+  float* out = stats + row * width;
   out[kMaxS] = max_s;
   out[kLogSumS] = log_sum_s;
   out[kMaxT] = max_t;
   out[kLogSumT] = log_sum_t;
   out[kAux] = aux;
+}
+
+// The standardised rows' extra columns: each side's mean and std.
+inline void write_standardized_stats(float* stats, int64_t row, float mean_s, float std_s, float mean_t,
+                                     float std_t) {
+  float* out = stats + row * kNumStatsStandardized;
+  out[kMeanS] = mean_s;
+  out[kStdS] = std_s;
+  out[kMeanT] = mean_t;
+  out[kStdT] = std_t;
 }
 
 }  // namespace cpu

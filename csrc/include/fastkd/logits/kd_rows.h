@@ -11,10 +11,12 @@
 #include "fastkd/common/rows_view.h"
 #include "fastkd/logits/contract.h"
 #include "fastkd/logits/divergence_math.h"
+#include "fastkd/logits/transforms.h"
 
 namespace fastkd {
 
-// The two logit tensors of one kd_rows call, with optional labels (int64 (N,), nullptr when absent).
+// The two logit tensors of one kd_rows call, with optional labels (int64 (N,), nullptr when absent),
+// and the per-side logit transforms applied before the temperature (logits/transforms.h).
 struct KdRowsArgs {
   int64_t n_rows;
   int64_t n_cols;
@@ -23,7 +25,13 @@ struct KdRowsArgs {
   const int64_t* labels;
   int64_t ignore_index;
   DivergenceParams divergence;
+  LogitTransforms transforms;
 };
+
+// Columns of a call's stats rows: kNumStats, or kNumStatsStandardized with standardize.
+FASTKD_HOST_DEVICE int64_t stats_width(const KdRowsArgs& args) {
+  return args.transforms.standardize ? kNumStatsStandardized : kNumStats;
+}
 
 // kl_div_rows: input (log-probabilities) and target (probabilities, or log-probabilities if
 // log_target). No labels: every row is computed.
@@ -35,7 +43,8 @@ struct KlDivRowsArgs {
   bool log_target;
 };
 
-// kd_rows forward: loss (N,) fp32 and stats (N, 5) fp32 (StatsColumn), zeros on ignored rows.
+// kd_rows forward: loss (N,) fp32 and stats (N, stats_width) fp32 (StatsColumn, then with
+// standardize StandardizedStatsColumn), zeros on ignored rows.
 // kd_rows backward: grad (N, V) contiguous in the student's dtype from grad_loss (N,) fp32 and
 // stats; zeros on ignored rows.
 // kl_div_rows forward: out (N,) fp32 = Σ_V target·(log target − input). Backward: grad (N, V)
@@ -57,6 +66,14 @@ void kl_div_rows_backward_cuda(const KlDivRowsArgs& args, const float* grad_rows
                                uintptr_t stream);
 
 // Argument checks shared by the CPU and CUDA launchers; run before any CUDA call.
+inline void check_transforms(const LogitTransforms& tr) {
+  // Written as negations so that NaN fails too.
+  if (!(tr.student.scale > 0.0f) || !(tr.teacher.scale > 0.0f)) throw_invalid("logit_scale", " must be > 0");
+  if (!(tr.student.softcap >= 0.0f) || !(tr.teacher.softcap >= 0.0f)) throw_invalid("softcap", " must be >= 0 (0: none)");
+  if (tr.standardize != 0 && tr.standardize != 1) throw_invalid("standardize", " must be 0 or 1");
+  if (tr.standardize && !(tr.eps > 0.0f)) throw_invalid("standardize_eps", " must be > 0");
+}
+
 inline void check_row_count(int64_t n_rows, int64_t n_cols) {
   if (n_rows < 0 || n_cols < 1) throw_invalid("n_rows/n_cols", " must be >= 0 and >= 1");
 }
@@ -67,6 +84,7 @@ inline void check_kd_rows_args(const KdRowsArgs& args) {
   check_rows_view(args.student, "student");
   check_rows_view(args.teacher, "teacher");
   if (args.divergence.code < kForwardKl || args.divergence.code > kTvd) throw_invalid("divergence", " code must be 0..5");
+  check_transforms(args.transforms);
 }
 
 inline void check_kl_div_rows_args(const KlDivRowsArgs& args) {
