@@ -23,12 +23,15 @@ EPS = 1e-7
 
 def side(x, scale, cap, standardize, eps=EPS):
     """The logits a softmax sees, float64: scale, then cap·tanh(·/cap), then (y − mean)/(std + eps)
-    with the sample std (divisor V − 1)."""
+    with the sample std (divisor V − 1). A constant row has std 0, where the std has no derivative:
+    the definition takes none (the clamp stops autograd there; sqrt'(0) would give NaN)."""
     y = x * scale
     if cap is not None:
         y = cap * torch.tanh(y / cap)
     if standardize:
-        y = (y - y.mean(-1, keepdim=True)) / (y.std(-1, keepdim=True) + eps)
+        centred = y - y.mean(-1, keepdim=True)
+        variance = (centred * centred).sum(-1, keepdim=True) / max(y.shape[-1] - 1, 1)
+        y = centred / (variance.clamp_min(1e-300).sqrt() + eps)
     return y
 
 
@@ -123,12 +126,15 @@ def _problem(shape, dtype=torch.float32, scale=40.0, offset=0.0):
 @pytest.mark.parametrize("combination", sorted(COMBINATIONS))
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_every_divergence_and_combination_against_float64(divergence, combination):
-    # Logits of ±100 (std 40): the caps saturate, a missing or misplaced cap would show.
-    student, teacher, labels = _problem((6, 1001))
+    # Logits of ±100 (std 40) where a cap bounds them: the caps saturate, a missing or misplaced
+    # cap would show. Uncapped, std 8: at std 40 the fp32 gradient of the mixture divergences
+    # cancels down to ~10% error on the plain kernels too (peaked rows), whatever the transforms.
+    options = COMBINATIONS[combination]
+    capped = "student_softcap" in options
+    student, teacher, labels = _problem((6, 1001), scale=40.0 if capped else 8.0)
     labels[2] = -100
     student[2], teacher[2] = 1e4, -1e4  # an ignored row of huge logits: finite zeros
     grad_output = torch.rand(6, dtype=torch.float64).float() + 0.5
-    options = COMBINATIONS[combination]
     loss, grad = run(divergence, student, teacher, labels, grad_output, **options)
     ref_loss, ref_grad = reference(divergence, student, teacher, labels, grad_output, **_reference_args(options))
     assert torch.isfinite(grad).all() and (grad[2] == 0).all() and loss[2] == 0
@@ -169,16 +175,15 @@ def test_standardize_rows_far_from_zero_and_constant_rows(divergence):
     student, teacher, labels = _problem((4, 700), scale=3.0)
     student[0] += 1e4
     teacher[1] -= 1e4
-    student[2] = 5.0  # constant rows: std 0, z = 0, uniform softmax, finite gradient
+    student[2] = 5.0  # constant rows: std 0, z = 0, a uniform softmax, the gradient (G − mean G)/eps
     teacher[3] = -2.0
     grad_output = torch.rand(4) + 0.5
     loss, grad = run(divergence, student, teacher, labels, grad_output, standardize=True)
     ref_loss, ref_grad = reference(divergence, student, teacher, labels, grad_output, standardize=True)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    assert (grad[2] == 0).all()  # a constant student row: z is 0 whatever x does (to first order)
-    keep = [0, 1, 3]
     assert rel_err(loss, ref_loss) < 2e-5
-    assert rel_err(grad[keep], ref_grad[keep]) < 1e-4
+    for row in range(4):  # row by row: the constant row's gradient is ~1e7 times the others'
+        assert rel_err(grad[row], ref_grad[row]) < 1e-4, (row, rel_err(grad[row], ref_grad[row]))
 
 
 def test_masked_entries_stay_masked_under_the_softcap():

@@ -30,7 +30,7 @@ struct KdRowsArgs {
 
 // Columns of a call's stats rows: kNumStats, or kNumStatsStandardized with standardize.
 FASTKD_HOST_DEVICE int64_t stats_width(const KdRowsArgs& args) {
-  return args.transforms.standardize ? kNumStatsStandardized : kNumStats;
+  return args.transforms.standardize ? int64_t{kNumStatsStandardized} : int64_t{kNumStats};
 }
 
 // kl_div_rows: input (log-probabilities) and target (probabilities, or log-probabilities if
