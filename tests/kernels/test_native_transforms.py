@@ -247,3 +247,34 @@ def test_bad_transforms_are_refused_before_any_kernel_runs():
                               divergence=divergence, transforms=ext.LogitTransforms(**bad))
         with pytest.raises(ValueError, match=words):
             ext.kd_rows_forward_cpu(args, loss=loss.data_ptr(), stats=stats.data_ptr())
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "tvd", "dkd"])
+def test_custom_op_opcheck_with_transforms(divergence):
+    # The fake declares (N, 9) statistics under standardize: the kernels must return exactly that.
+    from fastkd.divergences import make_spec
+    from fastkd.ops.schema import flatten
+    from fastkd.options import KDOptions
+
+    student = torch.randn(4, 37, requires_grad=True)
+    teacher = torch.randn(4, 37)
+    labels = torch.tensor([0, -100, 2, 3])
+    for transforms in (dict(student_softcap=3.0, teacher_logit_scale=2.0), dict(standardize=True)):
+        spec = make_spec(divergence, 2.0, **transforms)
+        torch.library.opcheck(torch.ops.fastkd.kd_rows.default,
+                              (student, teacher, labels, *flatten(KDOptions(spec, -100, "native"))))
+
+
+def test_torch_compile_fullgraph_with_standardize():
+    student = torch.randn(6, 50, requires_grad=True)
+    teacher = torch.randn(6, 50)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(student, teacher):
+        return fastkd.kd_loss(student, teacher, standardize=True, student_softcap=4.0, backend="native")
+
+    loss = step(student, teacher)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref = fastkd.kd_loss(student, teacher, standardize=True, student_softcap=4.0, backend="torch")
+    (ref_grad,) = torch.autograd.grad(ref, student)
+    assert rel_err(loss, ref) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
