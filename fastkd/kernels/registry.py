@@ -95,7 +95,9 @@ ROWS = (
     # flag (the plain path unchanged); standardize adds one moments pass forward and one write pass
     # backward (docs/csrc.md).
     Implementation("kd_rows", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native", features=FEATURES),
-    Implementation("kd_rows", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native"),
+    # CUDA: the same features (csrc/logits/cuda.cu, dkd_cuda.cu), compiled and register-checked only.
+    Implementation("kd_rows", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native", features=FEATURES,
+                   note="the CUDA C++ kernels have not yet run on a GPU (dkd and the logit transforms included)"),
     Implementation("kd_rows", "torch", None, _ALL_FLOATS, 10, f"{_LOGITS}.torch", features=FEATURES),
 
     Implementation("kl_div", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton_kl_div"),

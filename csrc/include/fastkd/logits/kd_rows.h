@@ -30,7 +30,8 @@ struct KdRowsArgs {
 
 // Columns of a call's stats rows: kNumStats, or kNumStatsStandardized with standardize.
 FASTKD_HOST_DEVICE int64_t stats_width(const KdRowsArgs& args) {
-  return args.transforms.standardize ? int64_t{kNumStatsStandardized} : int64_t{kNumStats};
+  if (args.transforms.standardize) return kNumStatsStandardized;  // two enums: no ?: between them (-Wenum-compare)
+  return kNumStats;
 }
 
 // kl_div_rows: input (log-probabilities) and target (probabilities, or log-probabilities if
