@@ -79,7 +79,8 @@ void bind_logits(py::module_& m) {
       .def_readonly("target", &KlDivRowsArgs::target)
       .def_readonly("log_target", &KlDivRowsArgs::log_target);
 
-  // loss (N,) fp32, stats (N, 5) fp32 ((N, 9) with standardize), grad (N, V) contiguous in the student's (input's) dtype.
+  // loss (N,) fp32, stats (N, 5) fp32 ((N, 9) with standardize), grad (N, V) contiguous in the
+  // student's (input's) dtype.
   m.def(
       "kd_rows_forward_cpu",
       [](const KdRowsArgs& args, std::uintptr_t loss, std::uintptr_t stats, int n_threads) {

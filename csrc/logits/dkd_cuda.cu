@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(kMaxThreads, TR ? 1 : cuda::kResidentBlocks)
   if constexpr (TR) kd_cuda::saved_transforms(args.transforms, row_stats, inv_t, tr_s, tr_t);
   const RowPair<DS, DT> rows = row_pair<DS, DT>(args.student, args.teacher, args.n_cols, row);
   const auto grad_z = [&](float s, float t, int64_t col) {
-    return col == target ? g_target : weight_q * expf(log_prob(s, m_s, log_sum_s)) - weight_p * expf(log_prob(t, m_t, log_sum_t));
+    return col == target ? g_target
+                         : weight_q * expf(log_prob(s, m_s, log_sum_s)) - weight_p * expf(log_prob(t, m_t, log_sum_t));
   };
   StandardizeGrad chain{1.0f, 0.0f, 0.0f};
   bool standardize = false;

@@ -70,7 +70,9 @@ void kl_div_rows_backward_cuda(const KlDivRowsArgs& args, const float* grad_rows
 inline void check_transforms(const LogitTransforms& tr) {
   // Written as negations so that NaN fails too.
   if (!(tr.student.scale > 0.0f) || !(tr.teacher.scale > 0.0f)) throw_invalid("logit_scale", " must be > 0");
-  if (!(tr.student.softcap >= 0.0f) || !(tr.teacher.softcap >= 0.0f)) throw_invalid("softcap", " must be >= 0 (0: none)");
+  if (!(tr.student.softcap >= 0.0f) || !(tr.teacher.softcap >= 0.0f)) {
+    throw_invalid("softcap", " must be >= 0 (0: none)");
+  }
   if (tr.standardize != 0 && tr.standardize != 1) throw_invalid("standardize", " must be 0 or 1");
   if (tr.standardize && !(tr.eps > 0.0f)) throw_invalid("standardize_eps", " must be > 0");
 }
