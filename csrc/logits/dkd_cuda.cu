@@ -55,8 +55,10 @@ __device__ __forceinline__ float logit_at(const storage_t<D>* row, int64_t strid
 
 // Grid: one block per row. student, teacher: (N, V) strided; labels (N,) int64 required;
 // loss (N,) fp32; stats (N, stats_width) fp32.
+// Compiled for one resident block (up to 128 registers): at two (≤ 64) the target mask's copies of
+// the packs spilled 4 bytes in the bf16/bf16 instance on sm_80 (scripts/kernel_report.py).
 template <DType DS, DType DT, bool TR>
-__global__ void __launch_bounds__(kMaxThreads, TR ? 1 : cuda::kResidentBlocks)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     dkd_forward_kernel(KdRowsArgs args, float alpha, float* __restrict__ loss, float* __restrict__ stats) {
   constexpr int VEC = vec_width<DS, DT>();
   const int64_t row = blockIdx.x;
