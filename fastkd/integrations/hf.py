@@ -187,8 +187,8 @@ def hidden_states_loss(
     # The teacher's logits are scale · x: its log-probabilities are the top-k of x at temperature
     # 1 / scale, and they are its distribution at T = 1 (the loss's teacher_temperature).
     top = fused_linear_topk(teacher_hidden, teacher_weight.detach(), teacher_top_k,
-                            temperature=1.0 / teacher_transform.scale, bias=_detached(teacher_bias), vocab_size=vocab_size, labels=labels,
-                            ignore_index=loss_options.get("ignore_index", -100),
+                            temperature=1.0 / teacher_transform.scale, bias=_detached(teacher_bias),
+                            vocab_size=vocab_size, labels=labels, ignore_index=loss_options.get("ignore_index", -100),
                             backend=loss_options.get("backend", "auto"))
     return fused_linear_sparse_kd_loss(student_hidden, student_weight, top.indices, top.logprobs, labels,
                                        student_bias=student_bias, missing_mass=missing_mass, **common,
