@@ -57,14 +57,17 @@ def logit_transform_of(config) -> LogitTransform:
     return LogitTransform(1.0 if scale is None else float(scale), float(softcap) if softcap else None)
 
 
-def lm_head_of(model):
+def lm_head_of(model, gather: bool = True):
     """(weight (V, H), bias (V,) or None) of a causal LM's output layer; a tied head is the input
     embedding itself (gradients reach it). A DTensor (FSDP2) weight or bias is gathered once with
-    ``full_tensor()``, whose backward scatters the gradient back to the shards."""
+    ``full_tensor()``, whose backward scatters the gradient back to the shards (``gather=False``:
+    left as it is)."""
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output embedding layer with a weight "
                          "(get_output_embeddings()); fastkd.integrations.hf needs a causal LM head")
+    if not gather:
+        return head.weight, getattr(head, "bias", None)
     return _full(head.weight), _full(getattr(head, "bias", None))
 
 
@@ -122,7 +125,8 @@ def distillation_loss(
             ignore_index, reduction, return_entropy, fp32_logits, backend), and ``teacher_top_k``:
             a sparse teacher, its top-k tokens taken from its hidden states by
             :func:`fastkd.fused_linear_topk` (divergences "forward_kl", "reverse_kl"; with
-            ``missing_mass``). vocab_size defaults to the smaller lm_head when they differ.
+            ``missing_mass``), and ``process_group``: the vocabulary split over the group's ranks
+            (see :func:`hidden_states_loss`). vocab_size defaults to the smaller lm_head when they differ.
 
     Returns:
         A :class:`fastkd.FusedLoss` (loss, soft, hard, n_tokens and per-token parts of shape (B, T)).
@@ -153,12 +157,18 @@ def hidden_states_loss(
     hard_weight: float = 0.0,
     temperature: float = 1.0,
     reduction: str = "mean",
+    process_group=None,
     **loss_options,
 ) -> FusedLoss:
     """The loss of :func:`distillation_loss` from hidden states already aligned with ``labels``
-    ((…, Hs), (…, Ht), (…); no shift here), the models supplying lm_heads and logit transforms."""
-    student_weight, student_bias = lm_head_of(student)
-    teacher_weight, teacher_bias = lm_head_of(teacher)
+    ((…, Hs), (…, Ht), (…); no shift here), the models supplying lm_heads and logit transforms.
+
+    ``process_group``: split the vocabulary over this group, whose ranks hold the same batch and
+    models (tensor parallelism): each forms only its slice of the logits and the ranks exchange
+    per-row statistics (fastkd/integrations/vocab_parallel.py; no hard term, no sparse teacher)."""
+    gather = process_group is None
+    student_weight, student_bias = lm_head_of(student, gather)
+    teacher_weight, teacher_bias = lm_head_of(teacher, gather)
     student_transform, teacher_transform = logit_transform_of(student.config), logit_transform_of(teacher.config)
     if vocab_size is None and student_weight.shape[0] != teacher_weight.shape[0]:
         vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
@@ -173,6 +183,16 @@ def hidden_states_loss(
     common = dict(hard_weight=hard_weight, temperature=temperature, reduction=reduction, normalizer=normalizer,
                   vocab_size=vocab_size, return_components=True)
     teacher_hidden = teacher_hidden.detach()
+    if process_group is not None:
+        if teacher_top_k is not None:
+            raise ValueError("teacher_top_k and process_group cannot be combined (no vocab-parallel sparse teacher)")
+        from .vocab_parallel import vocab_parallel_loss
+
+        return vocab_parallel_loss(student_hidden, (student_weight, student_bias), teacher_hidden,
+                                   (teacher_weight, teacher_bias), labels, (student_transform, teacher_transform),
+                                   process_group, vocab_size=vocab_size or student_weight.shape[0],
+                                   temperature=temperature, reduction=reduction, normalizer=normalizer,
+                                   hard_weight=hard_weight, **loss_options)
     if teacher_top_k is None:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight.detach(), labels,
                                     student_bias=student_bias, teacher_bias=_detached(teacher_bias),

@@ -16,7 +16,9 @@ else by the number of tokens in the loss.
 ``divergence`` (any :func:`fastkd.kd_loss` divergence; default "jsd" with TRL's beta), ``skew``,
 ``alpha``, ``temperature_squared``, ``standardize``, ``soft_weight``, ``hard_weight`` (cross-entropy on
 the sampled tokens), ``vocab_size`` (heads padded differently), ``teacher_top_k`` and ``missing_mass``
-(a sparse teacher: its top-k tokens from its hidden states), ``fp32_logits``, ``backend``.
+(a sparse teacher: its top-k tokens from its hidden states), ``fp32_logits``, ``backend``, and
+``process_group``: the vocabulary split over a tensor-parallel group whose ranks hold the same batch
+(each rank forms only its slice of the logits; fastkd/integrations/vocab_parallel.py).
 
 Needs TRL and transformers: ``pip install fastkd[hf]``.
 """
@@ -37,7 +39,7 @@ __all__ = ["DistillationTrainer", "GKDTrainer"]
 
 # fastkd_options keys: the loss's options beyond TRL's beta and temperature.
 OPTIONS = ("divergence", "skew", "alpha", "temperature_squared", "standardize", "soft_weight", "hard_weight",
-           "vocab_size", "teacher_top_k", "missing_mass", "fp32_logits", "backend")
+           "vocab_size", "teacher_top_k", "missing_mass", "fp32_logits", "backend", "process_group")
 
 # Multimodal inputs TRL's DistillationTrainer forwards to the model bodies.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
