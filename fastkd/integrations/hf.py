@@ -132,6 +132,7 @@ def distillation_loss(
         A :class:`fastkd.FusedLoss` (loss, soft, hard, n_tokens and per-token parts of shape (B, T)).
     """
     input_ids, attention_mask, labels, shift_labels, body_kwargs = _read_batch(batch, attention_mask, labels)
+    _check_models(student, teacher, loss_options)  # before either model runs
     body_kwargs.update(model_kwargs or {})
     ignore_index = loss_options.get("ignore_index", -100)
     if shift_labels is None:
@@ -166,26 +167,18 @@ def hidden_states_loss(
     ``process_group``: split the vocabulary over this group, whose ranks hold the same batch and
     models (tensor parallelism): each forms only its slice of the logits and the ranks exchange
     per-row statistics (fastkd/integrations/vocab_parallel.py; no hard term, no sparse teacher)."""
+    student_transform, teacher_transform = _check_models(student, teacher, dict(
+        hard_weight=hard_weight, teacher_top_k=teacher_top_k, process_group=process_group))
     gather = process_group is None
     student_weight, student_bias = lm_head_of(student, gather)
     teacher_weight, teacher_bias = lm_head_of(teacher, gather)
-    student_transform, teacher_transform = logit_transform_of(student.config), logit_transform_of(teacher.config)
     if vocab_size is None and student_weight.shape[0] != teacher_weight.shape[0]:
         vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
-    if hard_weight != 0 and student_transform != LogitTransform():
-        # fastkd's hard term is cross-entropy on the raw head output; the model's own loss is on
-        # the scaled/capped logits, so the numbers would silently differ.
-        raise ValueError(f"hard_weight must be 0 for a student whose config transforms its logits "
-                         f"({student_transform}); add the model's own loss instead")
     normalizer = num_items_in_batch
     if isinstance(normalizer, Tensor):
         normalizer = normalizer.to(student_hidden.device)
-    common = dict(hard_weight=hard_weight, temperature=temperature, reduction=reduction, normalizer=normalizer,
-                  vocab_size=vocab_size, return_components=True)
     teacher_hidden = teacher_hidden.detach()
     if process_group is not None:
-        if teacher_top_k is not None:
-            raise ValueError("teacher_top_k and process_group cannot be combined (no vocab-parallel sparse teacher)")
         from .vocab_parallel import vocab_parallel_loss
 
         return vocab_parallel_loss(student_hidden, (student_weight, student_bias), teacher_hidden,
@@ -193,6 +186,8 @@ def hidden_states_loss(
                                    process_group, vocab_size=vocab_size or student_weight.shape[0],
                                    temperature=temperature, reduction=reduction, normalizer=normalizer,
                                    hard_weight=hard_weight, **loss_options)
+    common = dict(hard_weight=hard_weight, temperature=temperature, reduction=reduction, normalizer=normalizer,
+                  vocab_size=vocab_size, return_components=True)
     if teacher_top_k is None:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight.detach(), labels,
                                     student_bias=student_bias, teacher_bias=_detached(teacher_bias),
@@ -200,10 +195,6 @@ def hidden_states_loss(
                                     student_softcap=student_transform.softcap,
                                     teacher_logit_scale=teacher_transform.scale,
                                     teacher_softcap=teacher_transform.softcap, **common, **loss_options)
-    if student_transform != LogitTransform() or teacher_transform.softcap is not None:
-        raise ValueError("teacher_top_k (a sparse teacher) supports a teacher logit scale only: no soft-capped "
-                         f"teacher nor transformed student; got student {student_transform}, teacher "
-                         f"{teacher_transform}")
     # The teacher's logits are scale · x: its log-probabilities are the top-k of x at temperature
     # 1 / scale, and they are its distribution at T = 1 (the loss's teacher_temperature).
     top = fused_linear_topk(teacher_hidden, teacher_weight.detach(), teacher_top_k,
@@ -213,6 +204,29 @@ def hidden_states_loss(
     return fused_linear_sparse_kd_loss(student_hidden, student_weight, top.indices, top.logprobs, labels,
                                        student_bias=student_bias, missing_mass=missing_mass, **common,
                                        **loss_options)
+
+
+def _check_models(student, teacher, options):
+    """The checks that need the models but not their outputs: (student, teacher) LogitTransform."""
+    for name, model in (("student", student), ("teacher", teacher)):
+        if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
+            raise TypeError(f"{name} must be a causal LM (a config and get_output_embeddings()); "
+                            f"got {type(model).__name__}")
+        lm_head_of(model, gather=False)
+    student_transform, teacher_transform = logit_transform_of(student.config), logit_transform_of(teacher.config)
+    if options.get("hard_weight", 0.0) != 0 and student_transform != LogitTransform():
+        # fastkd's hard term is cross-entropy on the raw head output; the model's own loss is on
+        # the scaled/capped logits, so the numbers would silently differ.
+        raise ValueError(f"hard_weight must be 0 for a student whose config transforms its logits "
+                         f"({student_transform}); add the model's own loss instead")
+    if options.get("teacher_top_k") is not None:
+        if options.get("process_group") is not None:
+            raise ValueError("teacher_top_k and process_group cannot be combined (no vocab-parallel sparse teacher)")
+        if student_transform != LogitTransform() or teacher_transform.softcap is not None:
+            raise ValueError("teacher_top_k (a sparse teacher) supports a teacher logit scale only: no soft-capped "
+                             f"teacher nor transformed student; got student {student_transform}, teacher "
+                             f"{teacher_transform}")
+    return student_transform, teacher_transform
 
 
 def _read_batch(batch, attention_mask, labels):

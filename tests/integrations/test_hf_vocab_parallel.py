@@ -104,6 +104,7 @@ def _main(rank, world_size, store_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_vocab_parallel_matches_one_process(tmp_path):
     mp.spawn(_main, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
