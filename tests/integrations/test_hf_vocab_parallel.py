@@ -1,7 +1,7 @@
 """fastkd.integrations.hf with process_group (the vocabulary split over 2 gloo CPU processes, one
 spawn running every case): loss, entropy and every student gradient equal on each rank to the
 one-process loss on the same models and batch, for full heads (tied, padded, soft-capped) and a
-DTensor lm_head placed Shard(0)."""
+DTensor lm_head placed Shard(0); and such a head gathered (full_tensor) without process_group."""
 
 import copy
 import datetime
@@ -55,14 +55,17 @@ def _grads(model):
             for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _compare(student, teacher, group, sharded_student=None, **options):
+def _compare(student, teacher, group, sharded_student=None, vocab_parallel=True, **options):
     batch = _batch()
+    student.zero_grad(set_to_none=True)
     one = hf.distillation_loss(student, teacher, batch, return_entropy=True, **options)
     one.loss.backward()
     expected = _grads(student)
     parallel_student = sharded_student or student
     parallel_student.zero_grad(set_to_none=True)
-    out = hf.distillation_loss(parallel_student, teacher, batch, return_entropy=True, process_group=group, **options)
+    if vocab_parallel:
+        options["process_group"] = group
+    out = hf.distillation_loss(parallel_student, teacher, batch, return_entropy=True, **options)
     out.loss.backward()
     assert rel_err(out.loss, one.loss) < TOLERANCE
     assert rel_err(out.entropy, one.entropy) < TOLERANCE
@@ -96,7 +99,10 @@ def _main(rank, world_size, store_path):
                  beta=0.3, num_items_in_batch=torch.tensor(17))
         _compare(_model(_gemma2(300, 32), 5), _model(_gemma2(300, 48), 6), group, divergence="reverse_kl")
         student = _model(_llama(300, 32, False), 7)
-        _compare(student, _model(_llama(300, 32, False), 8), group, sharded_student=_shard_head(student, group))
+        teacher = _model(_llama(300, 32, False), 8)
+        _compare(student, teacher, group, sharded_student=_shard_head(student, group))
+        # Without process_group a DTensor head (FSDP2's) is gathered once: the one-process numbers.
+        _compare(student, teacher, group, sharded_student=_shard_head(student, group), vocab_parallel=False)
         with pytest.raises(ValueError, match="hard_weight"):
             hf.distillation_loss(student, student, _batch(), process_group=group, hard_weight=1.0)
         dist.barrier()
