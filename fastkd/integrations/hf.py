@@ -168,7 +168,7 @@ def hidden_states_loss(
     models (tensor parallelism): each forms only its slice of the logits and the ranks exchange
     per-row statistics (fastkd/integrations/vocab_parallel.py; no hard term, no sparse teacher)."""
     student_transform, teacher_transform = _check_models(student, teacher, dict(
-        hard_weight=hard_weight, teacher_top_k=teacher_top_k, process_group=process_group))
+        loss_options, hard_weight=hard_weight, teacher_top_k=teacher_top_k, process_group=process_group))
     gather = process_group is None
     student_weight, student_bias = lm_head_of(student, gather)
     teacher_weight, teacher_bias = lm_head_of(teacher, gather)
@@ -222,6 +222,10 @@ def _check_models(student, teacher, options):
     if options.get("teacher_top_k") is not None:
         if options.get("process_group") is not None:
             raise ValueError("teacher_top_k and process_group cannot be combined (no vocab-parallel sparse teacher)")
+        divergence = options.get("divergence", "forward_kl")
+        if divergence not in ("forward_kl", "reverse_kl"):
+            raise ValueError(f"teacher_top_k (a sparse teacher) takes divergence 'forward_kl' or 'reverse_kl'; "
+                             f"got {divergence!r}")
         if student_transform != LogitTransform() or teacher_transform.softcap is not None:
             raise ValueError("teacher_top_k (a sparse teacher) supports a teacher logit scale only: no soft-capped "
                              f"teacher nor transformed student; got student {student_transform}, teacher "

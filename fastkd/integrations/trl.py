@@ -65,6 +65,13 @@ def _loss_options(options, beta, temperature):
     return options
 
 
+def _check_sparse(options, beta):
+    divergence = _loss_options(options, beta, 1.0)["divergence"]
+    if options.get("teacher_top_k") is not None and divergence not in ("forward_kl", "reverse_kl"):
+        raise ValueError(f"fastkd_options teacher_top_k (a sparse teacher) needs divergence 'forward_kl' or "
+                         f"'reverse_kl' (beta 0 or 1); got {divergence!r} (beta={beta})")
+
+
 class DistillationTrainer(_trl.DistillationTrainer):
     """``trl.DistillationTrainer`` whose loss is :func:`fastkd.fused_linear_kd_loss` on the student's
     and teacher's final hidden states and lm_heads, over the completion tokens (``completion_mask``,
@@ -77,6 +84,7 @@ class DistillationTrainer(_trl.DistillationTrainer):
     def __init__(self, *args, fastkd_options=None, **kwargs):
         self.fastkd_options = _checked_options(fastkd_options)
         super().__init__(*args, **kwargs)
+        _check_sparse(self.fastkd_options, self.beta)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """(loss, summed student entropy (detached), number of tokens in the loss): what TRL's
@@ -132,6 +140,7 @@ class _GKDLoss:
     def __init__(self, *args, fastkd_options=None, **kwargs):
         self.fastkd_options = _checked_options(fastkd_options)
         super().__init__(*args, **kwargs)
+        _check_sparse(self.fastkd_options, self.beta)
         self._forward_redirection = _ForwardRedirection()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -200,6 +200,9 @@ def test_clear_errors():
         hf.distillation_loss(student, teacher, [1, 2, 3])
     with pytest.raises(ValueError, match="teacher_top_k"):
         hf.distillation_loss(student, teacher, _batch(), teacher_top_k=4)
+    llama = _model(_llama(VOCAB, 32, False))
+    with pytest.raises(ValueError, match="teacher_top_k .* divergence"):
+        hf.distillation_loss(llama, llama, _batch(), teacher_top_k=4, divergence="jsd")
     with pytest.raises(TypeError, match="student must be a causal LM"):
         hf.distillation_loss(torch.nn.Linear(2, 2), teacher, _batch())
     with pytest.raises(ValueError, match="divergence"):

@@ -141,6 +141,8 @@ def test_distillation_trainer_other_divergence_against_the_formula(distillation)
 def test_unknown_option_is_a_clear_error(distillation):
     with pytest.raises(ValueError, match="fastkd_options"):
         distillation(fastkd_options={"divergance": "jsd"})
+    with pytest.raises(ValueError, match="teacher_top_k"):
+        distillation(beta=0.5, fastkd_options={"teacher_top_k": 8})
 
 
 @pytest.fixture
