@@ -16,7 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import logit_transforms
+from ..distributed import CHUNK_ELEMENTS
 from ..functional import FusedLoss, kd_loss
+from ..kernels.layout import compute_dtype, row_chunks
 
 # kd_loss options a caller may pass through (the fused losses' other options have no meaning here).
 _KD_OPTIONS = ("divergence", "beta", "skew", "alpha", "temperature_squared", "standardize", "standardize_eps",
@@ -90,17 +93,26 @@ def _logits(hidden, weight, bias, fp32_logits):
 
 
 def _entropy(logits, transform, temperature, group):
-    """H(q) = log Σ e^z − Σ q·z over the whole vocabulary, z the transformed logits / T."""
-    z = logits.float() * transform.scale if logits.dtype != torch.float64 else logits * transform.scale
-    if transform.softcap:
-        z = transform.softcap * torch.tanh(z / transform.softcap)
-    z = z / temperature
-    top = z.amax(-1)
+    """H(q) = log Σ e^(z−m) − Σ e^(z−m)·(z−m) / Σ e^(z−m) over the whole vocabulary, z the
+    transformed logits / T, m the row max; row blocks of CHUNK_ELEMENTS (no full fp32 copy)."""
+    dtype = compute_dtype(logits)
+    flat = logits.reshape(-1, logits.shape[-1])
+    blocks = list(row_chunks(flat.shape[0], flat.shape[1], CHUNK_ELEMENTS))
+
+    def transformed(start, stop):
+        z = logit_transforms.scale_and_cap(flat[start:stop].to(dtype), transform.scale, transform.softcap or 0.0)
+        return z / temperature
+
+    top = torch.cat([transformed(*block).amax(-1) for block in blocks]) if blocks else flat.new_zeros(0, dtype=dtype)
     dist.all_reduce(top, dist.ReduceOp.MAX, group=group)
-    exps = torch.exp(z - top[..., None])
-    sums = torch.stack([exps.sum(-1), (exps * (z - top[..., None])).sum(-1)])
+    sums = top.new_zeros(2, flat.shape[0])
+    for start, stop in blocks:
+        shifted = transformed(start, stop) - top[start:stop, None]
+        exps = shifted.exp()
+        sums[0, start:stop] = exps.sum(-1)
+        sums[1, start:stop] = torch.linalg.vecdot(exps, shifted)
     dist.all_reduce(sums, group=group)
-    return sums[0].log() - sums[1] / sums[0]
+    return (sums[0].log() - sums[1] / sums[0]).reshape(logits.shape[:-1])
 
 
 class _SumGradient(torch.autograd.Function):
