@@ -66,6 +66,9 @@ def lm_head_of(model, gather: bool = True):
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output embedding layer with a weight "
                          "(get_output_embeddings()); fastkd.integrations.hf needs a causal LM head")
+    if hasattr(head, "base_layer"):  # a PEFT adapter: the loss reads the weight, the adapter would get nothing
+        raise ValueError(f"{type(model).__name__}'s lm_head carries a PEFT adapter, which the fused loss would "
+                         "bypass (it reads lm_head.weight); leave 'lm_head' out of the adapter's target_modules")
     if not gather:
         return head.weight, getattr(head, "bias", None)
     return _full(head.weight), _full(getattr(head, "bias", None))

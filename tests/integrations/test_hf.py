@@ -203,6 +203,10 @@ def test_clear_errors():
     llama = _model(_llama(VOCAB, 32, False))
     with pytest.raises(ValueError, match="teacher_top_k .* divergence"):
         hf.distillation_loss(llama, llama, _batch(), teacher_top_k=4, divergence="jsd")
+    adapted = _model(_llama(VOCAB, 32, False))
+    adapted.lm_head.base_layer = torch.nn.Linear(32, VOCAB)  # what a PEFT LoRA layer on the head looks like
+    with pytest.raises(ValueError, match="PEFT adapter"):
+        hf.distillation_loss(adapted, llama, _batch())
     with pytest.raises(TypeError, match="student must be a causal LM"):
         hf.distillation_loss(torch.nn.Linear(2, 2), teacher, _batch())
     with pytest.raises(ValueError, match="divergence"):
