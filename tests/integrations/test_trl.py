@@ -4,6 +4,7 @@ the GKDTrainer subclass against TRL's ``GKDTrainer.compute_loss`` (``generalized
 models' logits); loss, entropy metric, token count and student gradients. Tiny random models, a
 word-level tokenizer built here, a temporary output folder: nothing is downloaded."""
 
+import math
 import os
 
 import pytest
@@ -25,7 +26,7 @@ TOLERANCE = 2e-5  # fp32 models: both losses accumulate in fp32
 
 
 def _tokenizer():
-    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab = {f"w{i}": i for i in range(1, VOCAB)}
     vocab["<pad>"] = 0
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -193,3 +194,38 @@ def test_gkd_trainer_matches_generalized_jsd_loss(gkd, beta, num_items):
         assert rel_err(grad, their_grads[name]) < 1e-4, name
     loss, outputs = trainer.compute_loss(trainer.model, inputs, return_outputs=True)  # TRL's eager path
     assert outputs.logits.shape == (2, 9, VOCAB)
+
+
+def test_distillation_trainer_trains(tmp_path):
+    # The whole loop: TRL's generation, our loss, TRL's metrics, the optimizer step.
+    args = trl.DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False,
+                                  per_device_train_batch_size=2, max_completion_length=4, max_steps=2,
+                                  logging_steps=1, save_strategy="no")
+    trainer = fastkd_trl.DistillationTrainer(model=_model(32), teacher_model=_model(48), args=args,
+                                             train_dataset=Dataset.from_dict({"prompt": ["w3 w4", "w5", "w6", "w7"]}),
+                                             processing_class=_tokenizer(), fastkd_options={"backend": "torch"})
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) and entry["entropy"] > 0 for entry in logs)
+    assert not torch.equal(before, trainer.model.lm_head.weight)
+
+
+def test_gkd_trainer_trains(gkd):
+    def collate(rows):
+        input_ids = torch.tensor([row["input_ids"] for row in rows])
+        labels = input_ids.clone()
+        labels[:, :3] = -100
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    trainer = gkd()
+    trainer.args.max_steps, trainer.args.logging_steps, trainer.args.save_strategy = 2, 1, "no"
+    trainer.data_collator = collate
+    trainer.train_dataset = Dataset.from_dict({"input_ids": [[3, 4, 5, 6, 7, 8]] * 4})
+    calls = []
+    fused_loss = trainer._fused_loss
+    trainer._fused_loss = lambda *args: calls.append(1) or fused_loss(*args)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert len(calls) == 2  # the fused loss, not TRL's eager one
