@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from conftest import DEVICE
 from reference import rel_err, row_losses
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install fastkd[hf])")
@@ -47,7 +48,7 @@ def _granite(vocab, hidden, tied):
 
 def _model(config, dtype=torch.float64):
     config._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEVICE, dtype)
     with torch.no_grad():  # logits of ±100: a unit-variance final norm times a head of std LOGIT_STD / √H
         head = model.get_output_embeddings().weight
         head.normal_(0, LOGIT_STD / config.hidden_size ** 0.5)
@@ -60,7 +61,7 @@ def _batch(batch_size=2, length=9, vocab=VOCAB):
     attention_mask[0, -2:] = 0  # right padding
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[1, :3] = -100  # a prompt
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids.to(DEVICE), "attention_mask": attention_mask.to(DEVICE), "labels": labels.to(DEVICE)}
 
 
 def _eager(student, teacher, batch, divergence, temperature=1.0, beta=0.5, num_items=None, vocab=VOCAB):
@@ -123,7 +124,7 @@ def test_padded_vocabularies_compare_the_real_one():
 
 def test_num_items_in_batch_is_the_normaliser():
     student, teacher = _model(_llama(VOCAB, 32, False)), _model(_llama(VOCAB, 32, False))
-    _check(student, teacher, _batch(), 1e-6, num_items=torch.tensor(37))
+    _check(student, teacher, _batch(), 1e-6, num_items=torch.tensor(37, device=DEVICE))
 
 
 @pytest.mark.parametrize("tied", [False, True])
