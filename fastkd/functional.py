@@ -244,6 +244,8 @@ def fused_linear_kd_loss(
     return_entropy: bool = False,
     fp32_logits: Optional[bool] = None,
     backend: str = "auto",
+    process_group=None,
+    grad_hidden_reduction: str = "sum",
 ) -> Union[Tensor, FusedLoss]:
     """Distillation loss from hidden states and lm_head weights, never forming the (N, V) logits.
 
@@ -275,12 +277,36 @@ def fused_linear_kd_loss(
             logit blocks take twice the memory), off on the CPU, where PyTorch has no such GEMM and
             the weight is upcast chunk by chunk for every token block (several times slower:
             docs/perf-notes.md). No effect on fp32/fp64 inputs.
+        process_group: a ``torch.distributed`` group over which the lm_head is split by vocabulary
+            rows (column-parallel, as Megatron's vocab-parallel lm_head): student_weight (V_r, Hs),
+            teacher_weight (V_r, Ht) and the biases (V_r,) are this rank's contiguous rows (ranks
+            in order, any sizes, the student's and teacher's slices alike); the hidden states and
+            labels (global token ids) are the same on every rank. Per token block the ranks
+            all-reduce per-row statistics only (O(N) bytes per step, independent of V; see
+            fastkd/kernels/fused_linear/vocab_parallel.py); the hard term's label logit comes from
+            the rank that holds it. ``vocab_size`` is then the real size of the whole vocabulary:
+            the padding rows past it sit at the end (the last rank). The loss is over the whole
+            vocabulary, equal on every rank; grad_weight and grad_bias are this rank's rows.
+            ``standardize`` with ``vocab_size`` and ``return_entropy`` are not supported with it.
+            DTensor weights placed Shard(0) need no group (their mesh gives it; hidden states and
+            labels plain or replicated DTensors) and give a replicated DTensor loss.
+        grad_hidden_reduction: with a process group, "sum" (default): student_hidden's gradient
+            is Σ_r grad_logits_r @ W_r, all-reduced over the group, as the backward of a
+            column-parallel linear with a replicated input gives it; "none": this rank's partial
+            product only, for callers whose own layers reduce it (sequence parallelism, or an input
+            that already passes through Megatron's copy-to-tensor-parallel region).
         The other options are those of :func:`kd_loss`.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none"; or a
         FusedLoss with ``return_components``.
     """
+    sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
+        dict(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
+             teacher_bias=teacher_bias),
+        dict(student_hidden=student_hidden, teacher_hidden=teacher_hidden, labels=labels), process_group)
+    student_weight, student_bias, teacher_weight, teacher_bias = sharded.values()
+    student_hidden, teacher_hidden, labels = replicated.values()
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     validation.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
@@ -292,21 +318,65 @@ def fused_linear_kd_loss(
                          f"student_hidden leading shape {tuple(leading_shape)}")
     if teacher_hidden.device != device:
         raise ValueError(f"student_hidden is on {device} but teacher_hidden is on {teacher_hidden.device}")
-    vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
     spec = make_spec(divergence, temperature, beta, skew, alpha=alpha, student_logit_scale=student_logit_scale,
                      student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
                      teacher_softcap=teacher_softcap, standardize=standardize, standardize_eps=standardize_eps)
-    _check_labels_for(spec, labels, vocab)
-    options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device,
-                             (student_hidden.dtype, teacher_hidden.dtype), fp32_logits, return_entropy)
-
-    student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
-    teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
+    dtypes = (student_hidden.dtype, teacher_hidden.dtype)
+    if process_group is None:
+        if grad_hidden_reduction != "sum":
+            raise ValueError(f"grad_hidden_reduction={grad_hidden_reduction!r} needs a process_group (without one "
+                             f"there is nothing to reduce over)")
+        vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
+        _check_labels_for(spec, labels, vocab)
+        options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device, dtypes,
+                                 fp32_logits, return_entropy)
+        student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+        teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
+    else:
+        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, student_weight,
+                                          teacher_weight, labels, spec, ignore_index, hard_weight, backend, device,
+                                          dtypes, fp32_logits, return_entropy)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
-    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
+    result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
+                           hard_weight, temperature_squared, reduction, normalizer,
+                           return_components or return_entropy)
+    if as_dtensor is None:
+        return result
+    return as_dtensor(result) if isinstance(result, Tensor) else result._replace(loss=as_dtensor(result.loss))
+
+
+def _vocab_parallel_options(group, vocab_size, grad_hidden_reduction, student_weight, teacher_weight, labels, spec,
+                            ignore_index, hard_weight, backend, device, dtypes, fp32_logits, return_entropy):
+    """The FusedLinearOptions of a vocab-parallel call (process_group given), its arguments checked."""
+    if grad_hidden_reduction not in ("sum", "none"):
+        raise ValueError(f"grad_hidden_reduction must be 'sum' or 'none'; got {grad_hidden_reduction!r}")
+    distributed.check_process_group(group, device)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"with process_group, student_weight and teacher_weight must hold the same vocabulary rows "
+                         f"on each rank; got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows here (pad "
+                         f"both to one vocabulary and pass vocab_size=)")
+    if vocab_size is not None:
+        # The whole vocabulary's size is known on the device only (no host synchronisation): a
+        # vocab_size at or above it masks nothing.
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int or None; got {type(vocab_size).__name__}")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be at least 1; got {vocab_size}")
+        if spec.standardize:
+            raise NotImplementedError("standardize with vocab_size and process_group: the padding columns would "
+                                      "enter the row mean and std; not supported")
+    if return_entropy:
+        raise NotImplementedError("return_entropy with process_group: the entropy needs the whole row's logits "
+                                  "on one rank; not supported")
+    _check_labels_for(spec, labels, 2)  # this rank sees a slice: dkd's V ≥ 2 holds for the whole
+    parallel = registry.select("fused_linear_vocab_parallel", backend, device, dtypes, spec.features)
+    if fp32_logits is None:
+        fp32_logits = block_logits.default_fp32(device)
+    return FusedLinearOptions(spec, "renormalize", ignore_index, hard_weight != 0, parallel,
+                              parallel if hard_weight != 0 else "", fp32_logits, False, group.group_name,
+                              -1 if vocab_size is None else vocab_size, grad_hidden_reduction == "sum")
 
 
 def fused_linear_sparse_kd_loss(
@@ -333,13 +403,19 @@ def fused_linear_sparse_kd_loss(
     fp32_logits: Optional[bool] = None,
     validate: bool = False,
     backend: str = "auto",
+    process_group=None,
 ) -> Union[Tensor, FusedLoss]:
     """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
     ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
     those of :func:`fused_linear_kd_loss`; ``teacher_temperature`` is that of :func:`sparse_kd_loss`.
-    ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term."""
+    ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term.
+    ``process_group`` (a vocabulary split) is not implemented yet for the top-k teacher: passing
+    one raises NotImplementedError; use :func:`fused_linear_kd_loss` with a dense teacher."""
+    if process_group is not None:
+        raise NotImplementedError("process_group is not implemented for fused_linear_sparse_kd_loss yet (the "
+                                  "top-k teacher over a vocabulary split); fused_linear_kd_loss takes it")
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device
