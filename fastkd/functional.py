@@ -287,6 +287,10 @@ def fused_linear_kd_loss(
             the rank that holds it. ``vocab_size`` is then the real size of the whole vocabulary:
             the padding rows past it sit at the end (the last rank). The loss is over the whole
             vocabulary, equal on every rank; grad_weight and grad_bias are this rank's rows.
+            The ranks size their token blocks from their slice's row count rounded up to a power
+            of two, so those must agree: equal slices, or slices differing by one row (V // world
+            and V // world + 1) with the smaller not a power of two; other splits would mismatch
+            the ranks' collectives.
             ``standardize`` with ``vocab_size`` and ``return_entropy`` are not supported with it.
             DTensor weights placed Shard(0) need no group (their mesh gives it; hidden states and
             labels plain or replicated DTensors) and give a replicated DTensor loss.

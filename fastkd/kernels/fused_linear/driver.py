@@ -113,7 +113,7 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
     soft_rows = hard_rows = entropy = None
 
-    rows = block_rows(n_rows, vocab, student_hidden.device)
+    rows = block_rows(n_rows, vocab if exchange is None else exchange.block_vocab, student_hidden.device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         hidden = student_hidden[start:stop]

@@ -18,6 +18,14 @@ dtype unless said:
 All of it is O(N), independent of V. The collectives run inside the fused custom op (opaque to
 torch.compile, which traces the op as one call), as eager ``torch.distributed`` calls.
 
+Block rows. Every rank must run the same token blocks (the same collectives, of the same sizes,
+in the same order), yet no rank knows the others' slice sizes on the host (learning them would be
+a host synchronisation). So the rows of a block come from this rank's V_r rounded up to a power of
+two (``block_vocab``): equal on all ranks when their slices round up alike, which holds for equal
+slices and for splits that differ by one column (V // world and V // world + 1) unless the
+smaller is a power of two. Ranks whose slices round differently would mismatch their collectives:
+documented as a requirement of ``process_group`` (fastkd.fused_linear_kd_loss).
+
 Padding (``vocab_size`` below the sum of the slices): the columns at or past vocab_size (on the
 last rank, or ranks) are set to −inf in every block's logits, both sides: zero probability, zero
 gradient, as if those weight rows were sliced off as one device does, without the host knowing
@@ -53,6 +61,8 @@ class Exchange:
         self.group = resolve_group(group_name)
         self.layout = distributed.Layout(n_cols, device, self.group)
         self.n_cols = n_cols
+        # The width the token blocks are sized for: V_r rounded up to a power of two (docstring).
+        self.block_vocab = 1 << max(n_cols - 1, 0).bit_length()
         self.padding = None
         self.limit = self.layout.total
         if vocab_limit >= 0:
