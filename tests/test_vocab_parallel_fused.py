@@ -359,8 +359,10 @@ def _group_main(rank, world_size, store_path, split, extra, backend):
             _check_bytes(rank, group)
         # Blocks of 2 rows (the slices round up to 128 columns), so each call exchanges per block.
         driver.BLOCK_ELEMENTS["cpu"] = 256
+        # The two groups share the cases (CI time): each case runs once, on 2 or on 3 ranks.
         for seed, (options, dtype) in enumerate(_cases(sum(split))):
-            _check_case(options, dtype, split, rank, group, seed, backend)
+            if seed % 2 == world_size % 2:
+                _check_case(options, dtype, split, rank, group, seed, backend)
         _check_partial_grad_hidden(rank, group, split)
         _check_components_and_module(rank, group, split)
         if "errors" in extra:
