@@ -198,6 +198,27 @@ def _check_components_and_module(rank, group, split):
     assert rel_err(loss, expected.loss) <= 4 * TOLERANCE[torch.float32]
 
 
+def _check_edges(rank, group, split):
+    """No rows at all: loss 0, empty gradients, on every rank. A label past vocab_size (a padding
+    column) or past the vocabulary is NaN on every rank, as on one device."""
+    empty = torch.zeros(0, HS, requires_grad=True)
+    weight = torch.randn(split[rank], HS, requires_grad=True)
+    loss = fastkd.fused_linear_kd_loss(empty, weight, torch.zeros(0, HT), torch.randn(split[rank], HT),
+                                       hard_weight=0.5, labels=torch.zeros(0, dtype=torch.long), process_group=group)
+    loss.backward()
+    assert loss.item() == 0 and empty.grad.shape == empty.shape and torch.all(weight.grad == 0)
+    tensors = _inputs(sum(split), torch.float64, seed=41)
+    labels = torch.tensor([[sum(split) - 4, sum(split), 3], [-100, 0, 1]])
+    tensors = (*tensors[:-1], labels)
+    options = dict(divergence="forward_kl", hard_weight=1.0, vocab_size=sum(split) - 4, reduction="none")
+    loss, _ = _call(tensors, options, split, rank, process_group=group)
+    one_process, _ = _call(tensors, options)
+    bad = torch.zeros_like(labels, dtype=torch.bool)
+    bad[0, :2] = True
+    assert torch.isnan(loss[bad]).all() and torch.isnan(one_process[bad]).all()
+    assert rel_err(loss[~bad], one_process[~bad]) <= 1e-12
+
+
 def _check_compiled(rank, group, split):
     """A function calling the vocab-parallel fused loss compiles with fullgraph=True (the op and
     its collectives are one traced call) and gives the eager values and gradients."""
@@ -365,6 +386,7 @@ def _group_main(rank, world_size, store_path, split, extra, backend):
                 _check_case(options, dtype, split, rank, group, seed, backend)
         _check_partial_grad_hidden(rank, group, split)
         _check_components_and_module(rank, group, split)
+        _check_edges(rank, group, split)
         if "errors" in extra:
             _check_errors(rank, group, split)
         if "compile" in extra:
