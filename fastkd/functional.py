@@ -2,6 +2,7 @@
 per op family (the registry), then one custom-op call each."""
 
 import math
+import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -339,9 +340,13 @@ def fused_linear_kd_loss(
         student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
         teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
     else:
-        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, student_weight,
-                                          teacher_weight, labels, spec, ignore_index, hard_weight, backend, device,
-                                          dtypes, fp32_logits, return_entropy)
+        if student_weight.shape[0] != teacher_weight.shape[0]:
+            raise ValueError(f"with process_group, student_weight and teacher_weight must hold the same vocabulary "
+                             f"rows on each rank; got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows "
+                             f"here (pad both to one vocabulary and pass vocab_size=)")
+        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
+                                          "renormalize", ignore_index, hard_weight, backend, device, dtypes,
+                                          fp32_logits, return_entropy)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
     result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
                            hard_weight, temperature_squared, reduction, normalizer,
@@ -351,23 +356,14 @@ def fused_linear_kd_loss(
     return as_dtensor(result) if isinstance(result, Tensor) else result._replace(loss=as_dtensor(result.loss))
 
 
-def _vocab_parallel_options(group, vocab_size, grad_hidden_reduction, student_weight, teacher_weight, labels, spec,
-                            ignore_index, hard_weight, backend, device, dtypes, fp32_logits, return_entropy):
+def _vocab_parallel_options(group, vocab_size, grad_hidden_reduction, labels, spec, missing_mass, ignore_index,
+                            hard_weight, backend, device, dtypes, fp32_logits, return_entropy):
     """The FusedLinearOptions of a vocab-parallel call (process_group given), its arguments checked."""
     if grad_hidden_reduction not in ("sum", "none"):
         raise ValueError(f"grad_hidden_reduction must be 'sum' or 'none'; got {grad_hidden_reduction!r}")
     distributed.check_process_group(group, device)
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"with process_group, student_weight and teacher_weight must hold the same vocabulary rows "
-                         f"on each rank; got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows here (pad "
-                         f"both to one vocabulary and pass vocab_size=)")
+    _check_global_vocab_size(vocab_size)
     if vocab_size is not None:
-        # The whole vocabulary's size is known on the device only (no host synchronisation): a
-        # vocab_size at or above it masks nothing.
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-            raise TypeError(f"vocab_size must be an int or None; got {type(vocab_size).__name__}")
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be at least 1; got {vocab_size}")
         if spec.standardize:
             raise NotImplementedError("standardize with vocab_size and process_group: the padding columns would "
                                       "enter the row mean and std; not supported")
@@ -378,7 +374,7 @@ def _vocab_parallel_options(group, vocab_size, grad_hidden_reduction, student_we
     parallel = registry.select("fused_linear_vocab_parallel", backend, device, dtypes, spec.features)
     if fp32_logits is None:
         fp32_logits = block_logits.default_fp32(device)
-    return FusedLinearOptions(spec, "renormalize", ignore_index, hard_weight != 0, parallel,
+    return FusedLinearOptions(spec, missing_mass, ignore_index, hard_weight != 0, parallel,
                               parallel if hard_weight != 0 else "", fp32_logits, False, group.group_name,
                               -1 if vocab_size is None else vocab_size, grad_hidden_reduction == "sum")
 
@@ -408,6 +404,7 @@ def fused_linear_sparse_kd_loss(
     validate: bool = False,
     backend: str = "auto",
     process_group=None,
+    grad_hidden_reduction: str = "sum",
 ) -> Union[Tensor, FusedLoss]:
     """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
@@ -415,30 +412,63 @@ def fused_linear_sparse_kd_loss(
     ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
     those of :func:`fused_linear_kd_loss`; ``teacher_temperature`` is that of :func:`sparse_kd_loss`.
     ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term.
-    ``process_group`` (a vocabulary split) is not implemented yet for the top-k teacher: passing
-    one raises NotImplementedError; use :func:`fused_linear_kd_loss` with a dense teacher."""
-    if process_group is not None:
-        raise NotImplementedError("process_group is not implemented for fused_linear_sparse_kd_loss yet (the "
-                                  "top-k teacher over a vocabulary split); fused_linear_kd_loss takes it")
+    ``process_group`` and ``grad_hidden_reduction``: as for :func:`fused_linear_kd_loss` (this
+    rank's rows of the student's lm_head; DTensor weights placed Shard(0)); the teacher's ids are
+    global, and each rank gathers the student logits of the ids in its slice: one (k, N) all-reduce
+    per step ("tail": + 4 values per token). ``validate`` then checks ids against ``vocab_size``
+    only when it is given (no rank knows the whole vocabulary on the host)."""
+    sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
+        dict(student_weight=student_weight, student_bias=student_bias),
+        dict(student_hidden=student_hidden, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
+             labels=labels), process_group)
+    student_weight, student_bias = sharded.values()
+    student_hidden, teacher_indices, teacher_logprobs, labels = replicated.values()
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device
     leading_shape = student_hidden.shape[:-1]
-    vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
+    if process_group is None:
+        if grad_hidden_reduction != "sum":
+            raise ValueError(f"grad_hidden_reduction={grad_hidden_reduction!r} needs a process_group (without one "
+                             f"there is nothing to reduce over)")
+        vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
+    else:
+        _check_global_vocab_size(vocab_size)
+        vocab = vocab_size if vocab_size is not None else sys.maxsize
     spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
     validation.check_flag("validate", validate)
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
     teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_hidden)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
-    options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device,
-                             (student_hidden.dtype, teacher_logprobs.dtype), fp32_logits, return_entropy)
-
-    student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+    dtypes = (student_hidden.dtype, teacher_logprobs.dtype)
+    if process_group is None:
+        options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device, dtypes,
+                                 fp32_logits, return_entropy)
+        student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+    else:
+        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
+                                          missing_mass, ignore_index, hard_weight, backend, device, dtypes,
+                                          fp32_logits, return_entropy)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
-    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
+    result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
+                           hard_weight, temperature_squared, reduction, normalizer,
+                           return_components or return_entropy)
+    if as_dtensor is None:
+        return result
+    return as_dtensor(result) if isinstance(result, Tensor) else result._replace(loss=as_dtensor(result.loss))
+
+
+def _check_global_vocab_size(vocab_size):
+    # With a process group the whole vocabulary's size is known on the device only (no host
+    # synchronisation): a vocab_size at or above it masks nothing.
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None; got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1; got {vocab_size}")
 
 
 def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, backend, device, dtypes, fp32_logits,

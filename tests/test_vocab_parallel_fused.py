@@ -18,6 +18,7 @@ from conftest import TOLERANCE
 from fastkd.kernels import registry
 from fastkd.kernels.fused_linear import driver
 from reference import reduce, rel_err, row_losses
+from reference import sparse_rows as reference_sparse_rows
 from test_vocab_parallel import _dkd_rows, _finite_or_zero, _transformed
 
 BACKENDS = registry.usable_backends("fused_linear_vocab_parallel", "cpu")
@@ -242,6 +243,74 @@ def _check_compiled(rank, group, split):
     assert rel_err(local_weight.grad, _slice(full[1].grad, split, rank)) <= 4 * TOLERANCE[torch.float32]
 
 
+def _sparse_teacher(vocab, top_k, seed):
+    """Top-k ids (2, 3, k), in no particular order, spread over every rank's slice, and their
+    log-probabilities under a random teacher."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(*N_SHAPE, vocab, generator=generator, dtype=torch.float64) * 3
+    logprobs, indices = torch.log_softmax(teacher, -1).topk(top_k, dim=-1)
+    order = torch.argsort(torch.rand(*N_SHAPE, top_k, generator=generator), dim=-1)
+    return indices.gather(-1, order), logprobs.gather(-1, order)
+
+
+def _check_sparse(rank, group, split):
+    """fused_linear_sparse_kd_loss with process_group: both divergences and missing-mass modes,
+    padding, the hard term, biases, each reduction; against one process and the float64
+    definition (tests/reference.py: sparse_rows) of the materialised logits."""
+    vocab = sum(split)
+    cases = (
+        (dict(divergence="forward_kl", missing_mass="renormalize", temperature=2.0, hard_weight=0.5, biases=True),
+         torch.float32),
+        (dict(divergence="reverse_kl", missing_mass="tail", reduction="none", vocab_size=vocab - 5), torch.float64),
+        (dict(divergence="forward_kl", missing_mass="tail", reduction="sum", hard_weight=1.0, vocab_size=vocab - 2,
+              fp32_logits=True), torch.bfloat16),
+        (dict(divergence="reverse_kl", missing_mass="renormalize", temperature=0.7, biases=True), torch.float64),
+    )
+    for seed, (options, dtype) in enumerate(cases):
+        real = options.get("vocab_size") or vocab
+        student_hidden, student_weight, student_bias, *_, labels = _inputs(vocab, dtype, 50 + seed, real)
+        indices, logprobs = _sparse_teacher(real, 9, 60 + seed)
+        logprobs = logprobs.to(dtype if dtype != torch.bfloat16 else torch.float32)
+        reduction = options.get("reduction", "mean")
+        grad_output = torch.rand(N_SHAPE, generator=torch.Generator().manual_seed(seed)) + 0.5 \
+            if reduction == "none" else torch.tensor(1.0)
+        kwargs = {key: value for key, value in options.items() if key != "biases"}
+        bias = student_bias if options.get("biases") else None
+
+        def run(weight, bias, **extra):
+            leaves = [x if x is None else x.detach().clone().requires_grad_(True) for x in (student_hidden, weight,
+                                                                                             bias)]
+            loss = fastkd.fused_linear_sparse_kd_loss(leaves[0], leaves[1], indices, logprobs, labels,
+                                                      student_bias=leaves[2], **kwargs, **extra)
+            loss.backward(grad_output.to(loss.dtype))
+            return loss, leaves
+
+        one_process, full = run(student_weight, bias)
+        loss, local = run(_slice(student_weight, split, rank), None if bias is None else _slice(bias, split, rank),
+                          process_group=group)
+        # The definition in float64 on the materialised logits.
+        leaves = [x.detach().double().requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
+        logits = leaves[0] @ leaves[1][:real].T + (leaves[2][:real] if bias is not None else 0)
+        flat = logits.reshape(-1, real)
+        rows = reference_sparse_rows(flat, indices.reshape(-1, 9), logprobs.reshape(-1, 9).double(),
+                                     options["divergence"], options.get("temperature", 1.0), options["missing_mass"])
+        if options.get("hard_weight"):
+            rows = rows + options["hard_weight"] * F.cross_entropy(flat, labels.reshape(-1), reduction="none")
+        ref_loss = reduce(rows.reshape(N_SHAPE), labels, -100, reduction, None)
+        ref_grads = torch.autograd.grad(ref_loss, leaves, grad_output.double(), allow_unused=True)
+        where = f"rank {rank}, sparse {options}, {dtype}"
+        budget = max(TOLERANCE[torch.float32], 2 * rel_err(one_process, ref_loss))
+        assert rel_err(loss, ref_loss) <= budget and rel_err(loss, one_process) <= 2 * budget, where
+        for name, mine, one, ref, sliced in zip(("grad_hidden", "grad_weight", "grad_bias"), local, full, ref_grads,
+                                                (False, True, True)):
+            if mine is None:
+                continue
+            one_grad, ref = (_slice(one.grad, split, rank), _slice(ref, split, rank)) if sliced else (one.grad, ref)
+            budget = max(TOLERANCE[dtype], 2 * rel_err(one_grad, ref))
+            assert rel_err(mine.grad, ref) <= budget, (where, name, rel_err(mine.grad, ref))
+            assert rel_err(mine.grad, one_grad) <= 2 * budget, (where, name, rel_err(mine.grad, one_grad))
+
+
 def _check_errors(rank, group, split):
     tensors = _inputs(sum(split), torch.float32, seed=3)
     student_hidden, student_weight, _, teacher_hidden, teacher_weight, _, labels = tensors
@@ -261,9 +330,10 @@ def _check_errors(rank, group, split):
         fastkd.fused_linear_kd_loss(*local, process_group=group, standardize=True, vocab_size=10)
     with pytest.raises(ValueError, match="divergence='dkd' needs labels"):
         fastkd.fused_linear_kd_loss(*local[:4], divergence="dkd", process_group=group)
-    with pytest.raises(NotImplementedError, match="process_group is not implemented for fused_linear_sparse_kd_loss"):
+    with pytest.raises(ValueError, match="grad_hidden_reduction must be 'sum' or 'none'"):
         fastkd.fused_linear_sparse_kd_loss(student_hidden, local[1], torch.zeros(*N_SHAPE, 2, dtype=torch.long),
-                                           torch.full((*N_SHAPE, 2), -1.0), process_group=group)
+                                           torch.full((*N_SHAPE, 2), -1.0), process_group=group,
+                                           grad_hidden_reduction="avg")
 
 
 def _check_dtensor(rank, group):
@@ -387,6 +457,7 @@ def _group_main(rank, world_size, store_path, split, extra, backend):
         _check_partial_grad_hidden(rank, group, split)
         _check_components_and_module(rank, group, split)
         _check_edges(rank, group, split)
+        _check_sparse(rank, group, split)
         if "errors" in extra:
             _check_errors(rank, group, split)
         if "compile" in extra:

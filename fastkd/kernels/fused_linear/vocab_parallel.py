@@ -10,6 +10,8 @@ dtype unless said:
     once per call   the slice sizes, for offsets                       (world,) int64 SUM
     soft term       per block, those of kd_loss with process_group      forward KL: (2, C) MAX and
                     (fastkd/distributed.py's docstring)                 (2, C) + (2, C) SUM
+    top-k teacher   the student logits at the k ids, each from its owner  (k, C) SUM
+                    "tail": both maxima, both shifted sums              (2, C) MAX, (2, C) SUM
     hard term       the student's row max at T = 1                      (1, C) MAX
                     Σ exp(x − max) and the label's logit (its owner's)  (2, C) SUM
     grad_hidden     the partial products Σ_r grad_logits_r @ W_r        (N, Hs) SUM, hidden dtype
@@ -38,8 +40,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from ... import distributed
+from ... import distributed, divergences
 from ..layout import compute_dtype, row_chunks
+from ..sparse.contract import TAIL_FLOOR
 
 
 def resolve_group(group_name):
@@ -135,6 +138,77 @@ class Exchange:
             g = torch.where(rows_active & ~in_range[start:stop, None], math.nan, g)
             out[start:stop] += g.to(out.dtype)
         return out
+
+    def block_loss(self, student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index, scale=None):
+        """The sparse_kd block contract (kernels/sparse/torch.py, whose formulas this follows) over
+        the whole vocabulary, for a top-k teacher. The ids are global: each rank gathers the
+        student logits of the ids in its slice (0 elsewhere) and one (k, C) SUM gives every rank
+        all k; "tail" also needs the row's log-sum-exp and the student's mass outside the support:
+        (2, C) MAX of both maxima, (2, C) SUM of both shifted sums. Every rank then holds the same
+        bucket losses; the gradient is this rank's columns.
+
+        student_logits: (C, V_r); indices, logprobs: (C, k); labels: (C,) or None. Returns (loss
+        (C,) in the compute dtype, ∂(Σ scale·loss)/∂student_logits (C, V_r) in the logits' dtype,
+        or None without ``scale``). A row with an id outside [0, vocab) is NaN, as on one device.
+        """
+        self.mask_padding(student_logits)
+        dtype = compute_dtype(student_logits, logprobs)
+        s = student_logits.to(dtype) * spec.inv_temperature
+        ids = indices.long()
+        bad_row = ((ids < 0) | (ids >= self.limit)).any(-1)
+        local = ids - self.layout.offset
+        owns = (local >= 0) & (local < self.n_cols)
+        index = torch.where(owns, local, 0)
+        s_support = distributed.all_reduce(torch.where(owns, s.gather(1, index), 0.0), dist.ReduceOp.SUM, self.group)
+        teacher_log = logprobs.to(dtype) * spec.inv_temperature
+        # Entries this rank does not own point at column 0 with a zero: scatter_add_, never scatter_
+        # (two writes to one column would race).
+        if missing_mass == "renormalize":
+            log_p, log_q = torch.log_softmax(teacher_log, -1), torch.log_softmax(s_support, -1)
+            loss, grad_support = divergences.kl_and_grad_on_buckets(spec.name, log_p, log_q)
+            grad = None if scale is None else torch.zeros_like(s).scatter_add_(
+                1, index, torch.where(owns, grad_support, 0.0))
+        else:
+            support = torch.zeros_like(s).scatter_add_(1, index, owns.to(dtype)) > 0  # (C, V_r) owned ids
+            rest = s.masked_fill(support, -math.inf)
+            maxima = distributed.all_reduce(torch.stack([s.amax(-1), rest.amax(-1)]), dist.ReduceOp.MAX, self.group)
+            shifts = torch.where(maxima > -math.inf, maxima, 0.0)
+            # The mass outside the support is shifted by its own maximum: it keeps its precision when
+            # the top-k holds nearly all the mass (as kernels/sparse/torch.py).
+            sums = torch.stack([(s - shifts[0, :, None]).exp().sum(-1), (rest - shifts[1, :, None]).exp().sum(-1)])
+            distributed.all_reduce(sums, dist.ReduceOp.SUM, self.group)
+            row_max, log_sum = shifts[0], sums[0].log()
+            log_q_support = (s_support - row_max[:, None]) - log_sum[:, None]
+            log_q_tail = (sums[1].log() + (shifts[1] - row_max)) - log_sum
+            p_tail = (1 - teacher_log.exp().sum(-1)).clamp(min=TAIL_FLOOR if spec.name == "reverse_kl" else 0.0)
+            p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)  # no tail bucket without student mass there
+            log_p = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
+            log_q = torch.cat([log_q_support, log_q_tail[:, None]], 1)
+            loss, _ = divergences.kl_and_grad_on_buckets(spec.name, log_p, log_q)
+            grad = None
+            if scale is not None:
+                if spec.name == "forward_kl":
+                    tail_factor = 1 - (log_p[:, -1] - log_q[:, -1]).exp()
+                    support_grad = log_q_support.exp() - teacher_log.exp()
+                else:
+                    d = log_q - log_p
+                    tail_factor = d[:, -1] - loss
+                    support_grad = divergences.safe_weighted(log_q_support.exp(), d[:, :-1] - loss[:, None])
+                tail_factor = torch.where(log_q_tail > -math.inf, tail_factor, 0.0)
+                q = divergences.log_probs(s, row_max, log_sum).exp()
+                grad = (q * tail_factor[:, None]).masked_fill_(support, 0.0).scatter_add_(
+                    1, index, torch.where(owns, support_grad, 0.0))
+        loss = torch.where(bad_row, math.nan, loss)
+        if grad is not None:
+            grad = torch.where(bad_row[:, None], math.nan, grad)
+        if labels is not None:
+            active = labels != ignore_index
+            loss = torch.where(active, loss, 0.0)
+            if grad is not None:
+                grad = torch.where(active[:, None], grad, 0.0)
+        if grad is not None:
+            grad = (grad * (scale.to(dtype) * spec.inv_temperature)[:, None]).to(student_logits.dtype)
+        return loss, grad
 
     def sum_over_group(self, tensor):
         """In place: the sum of ``tensor`` over the group (a column-parallel linear's grad_input)."""
