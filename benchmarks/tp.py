@@ -117,8 +117,8 @@ def counted_table(case=COUNTED, tps=(2, 8)):
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{value:,.0f}" if isinstance(value, (int, float)) and name != "TP" else str(value)
-                                       for name, value in row.items()) + " |")
+        cells = (str(value) if name == "TP" else f"{value:,.0f}" for name, value in row.items())
+        lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
 
 

@@ -78,9 +78,9 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     student_hidden: (N, Hs); student_weight: (V, Hs); student_bias: (V,) or None; teacher: a
     DenseTeacher or SparseTeacher over the same N rows; labels: (N,) int or None; options: a
     FusedLinearOptions (with options.group_name, the weight and bias are this rank's rows of a
-    vocabulary split over that group: see vocab_parallel.py). With soft_scale and hard_scale (N,) given, also returns the gradients of
-    Σ soft_scale·soft + hard_scale·hard with respect to the student hidden states, weight and
-    bias, each only where ``need`` says so (else None).
+    vocabulary split over that group: see vocab_parallel.py). With soft_scale and hard_scale (N,)
+    given, also returns the gradients of Σ soft_scale·soft + hard_scale·hard with respect to the
+    student hidden states, weight and bias, each only where ``need`` says so (else None).
     With options.with_entropy, also the student's entropy per row at temperature T (0 on ignored
     rows), from each logit block while it is in memory; else entropy is None.
     Returns (soft_rows (N,), hard_rows (N,), entropy (N,) or None, grad_hidden, grad_weight, grad_bias).
