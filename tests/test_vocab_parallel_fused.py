@@ -398,10 +398,20 @@ def _bytes_per_step(rank, group, vocab, n_rows, options):
     teacher_weight = torch.randn(vocab, HT, generator=generator)
     labels = torch.randint(0, vocab, (n_rows,), generator=generator)
     local_weight = _slice(student_weight, split, rank).requires_grad_(True)
+    options = dict(options)
+    top_k = options.pop("top_k", None)
+    if top_k is not None:
+        logprobs, indices = torch.log_softmax(teacher_hidden @ teacher_weight.T, -1).topk(top_k, -1)
     dist.all_reduce = counting_all_reduce
     try:
-        fastkd.fused_linear_kd_loss(student_hidden, local_weight, teacher_hidden, _slice(teacher_weight, split, rank),
-                                    labels, process_group=group, **options).backward()
+        if top_k is None:
+            loss = fastkd.fused_linear_kd_loss(student_hidden, local_weight, teacher_hidden,
+                                               _slice(teacher_weight, split, rank), labels, process_group=group,
+                                               **options)
+        else:
+            loss = fastkd.fused_linear_sparse_kd_loss(student_hidden, local_weight, indices, logprobs, labels,
+                                                      process_group=group, **options)
+        loss.backward()
     finally:
         dist.all_reduce = real_all_reduce
     return sum(sent)
@@ -419,10 +429,12 @@ def _check_bytes(rank, group):
         setattr(dist, name, refuse)
     sizes = 8 * group.size()  # the slice sizes, once per call
     try:
-        # fp32 values per row: the soft term's 2 + 2 + 2, the hard term's 1 + 2, grad_hidden's HS.
+        # fp32 values per row: the soft term's 2 + 2 + 2, the hard term's 1 + 2, grad_hidden's HS,
         for options, per_row in (({"divergence": "forward_kl"}, 6 + HS),
                                  ({"divergence": "forward_kl", "hard_weight": 0.5}, 6 + 3 + HS),
-                                 ({"divergence": "jsd", "hard_weight": 0.5, "grad_hidden_reduction": "none"}, 6 + 3)):
+                                 ({"divergence": "jsd", "hard_weight": 0.5, "grad_hidden_reduction": "none"}, 6 + 3),
+                                 # top-k: the support's k student logits (+ 4 for the tail bucket)
+                                 ({"top_k": 5}, 5 + HS), ({"top_k": 5, "missing_mass": "tail"}, 5 + 4 + HS)):
             counts = {(vocab, n): _bytes_per_step(rank, group, vocab, n, options)
                       for vocab in (301, 4816) for n in (8, 40)}
             # Independent of V (16× the vocabulary, the same bytes) ...
