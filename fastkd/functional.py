@@ -292,6 +292,8 @@ def fused_linear_kd_loss(
             of two, so those must agree: equal slices, or slices differing by one row (V // world
             and V // world + 1) with the smaller not a power of two; other splits would mismatch
             the ranks' collectives.
+            Every rank calls with the same rows, options and ``requires_grad`` on the student's
+            tensors (they decide which collectives run).
             ``standardize`` with ``vocab_size`` and ``return_entropy`` are not supported with it.
             DTensor weights placed Shard(0) need no group (their mesh gives it; hidden states and
             labels plain or replicated DTensors) and give a replicated DTensor loss.
