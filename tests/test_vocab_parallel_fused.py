@@ -1,5 +1,6 @@
-"""fused_linear_kd_loss with process_group (fastkd/kernels/fused_linear/vocab_parallel.py): groups of
-2 and 3 CPU processes on gloo, each spawned once and running every case (a spawn costs seconds).
+"""fused_linear_kd_loss and fused_linear_sparse_kd_loss with process_group
+(fastkd/kernels/fused_linear/vocab_parallel.py): groups of 2 and 3 CPU processes on gloo, from one
+spawn of 3 (a spawn costs seconds: the 2-rank group is a subgroup), running every case.
 Every rank builds the same full tensors from one seed and keeps its rows of the lm_head weights
 and biases; the loss must equal, and the gradients be (student_hidden: all of; weight and bias:
 the rank's slice of), both the one-process fastkd result on the full tensors and the float64
@@ -452,52 +453,50 @@ def _check_bytes(rank, group):
 # ---------------------------------------------------------------------------------------------
 
 
-def _group_main(rank, world_size, store_path, split, extra, backend):
+PAIR_SPLIT, TRIPLE_SPLIT = (100, 103), (70, 67, 66)
+
+
+def _group_main(rank, world_size, store_path, backend):
+    """One spawn of 3 processes (a spawn, with its imports, costs more than the checks): ranks 0
+    and 1 first run the 2-rank checks on a subgroup while rank 2 waits, then all 3 run theirs."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        group = dist.group.WORLD
-        if "bytes" in extra:  # one block per call: before the block budget shrinks below
-            _check_bytes(rank, group)
+        triple = dist.group.WORLD
+        pair = dist.new_group([0, 1])  # every rank takes part in creating it
+        _check_bytes(rank, triple)  # one block per call: before the block budget shrinks below
         # Blocks of 2 rows (the slices round up to 128 columns), so each call exchanges per block.
         driver.BLOCK_ELEMENTS["cpu"] = 256
-        # The two groups share the cases (CI time): each case runs once, on 2 or on 3 ranks.
-        for seed, (options, dtype) in enumerate(_cases(sum(split))):
-            if seed % 2 == world_size % 2:
-                _check_case(options, dtype, split, rank, group, seed, backend)
-        _check_partial_grad_hidden(rank, group, split)
-        _check_components_and_module(rank, group, split)
-        _check_edges(rank, group, split)
-        _check_sparse(rank, group, split)
-        if "errors" in extra:
-            _check_errors(rank, group, split)
-        if "compile" in extra:
-            _check_compiled(rank, group, split)
-        if "dtensor" in extra:
-            _check_dtensor(rank, group)
+        if rank < 2:
+            _check_group(rank, pair, PAIR_SPLIT, backend)
+            _check_partial_grad_hidden(rank, pair, PAIR_SPLIT)
+            _check_components_and_module(rank, pair, PAIR_SPLIT)
+            _check_errors(rank, pair, PAIR_SPLIT)
+            _check_compiled(rank, pair, PAIR_SPLIT)
+        dist.barrier()
+        _check_group(rank, triple, TRIPLE_SPLIT, backend)
+        _check_edges(rank, triple, TRIPLE_SPLIT)
+        _check_sparse(rank, triple, TRIPLE_SPLIT)
+        _check_dtensor(rank, triple)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world_size, split, extra, tmp_path, backend):
-    mp.spawn(_group_main, args=(world_size, str(tmp_path / "store"), split, extra, backend), nprocs=world_size,
-             join=True)
+def _check_group(rank, group, split, backend):
+    # The two groups share the cases (CI time): each case runs once, on 2 or on 3 ranks.
+    for seed, (options, dtype) in enumerate(_cases(sum(split))):
+        if seed % 2 == group.size() % 2:
+            _check_case(options, dtype, split, rank, group, seed, backend)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.family("fused_linear_vocab_parallel")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_ranks_match_one_process_check_their_arguments_and_compile(tmp_path, backend):
-    _spawn(2, (100, 103), ("errors", "compile"), tmp_path, backend)
-
-
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.family("fused_linear_vocab_parallel")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_three_uneven_ranks_match_one_process_send_bytes_independent_of_v_and_take_dtensors(tmp_path, backend):
-    _spawn(3, (70, 67, 66), ("bytes", "dtensor"), tmp_path, backend)
+def test_two_and_three_uneven_ranks_match_one_process_send_bytes_independent_of_v_take_dtensors_and_compile(
+        tmp_path, backend):
+    mp.spawn(_group_main, args=(3, str(tmp_path / "store"), backend), nprocs=3, join=True)
 
 
 def test_process_group_must_be_a_process_group():
