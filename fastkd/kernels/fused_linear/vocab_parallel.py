@@ -53,8 +53,9 @@ def resolve_group(group_name):
 
 class Exchange:
     """The soft and hard kernels of one vocab-parallel call, with the signatures of the logits
-    backends (kernels/logits/torch.py: kd_rows_forward/backward, ce_rows_forward/backward), each
-    reducing its per-row statistics over the group.
+    backends (kernels/logits/torch.py: kd_rows_forward/backward, ce_rows_forward/backward) and of
+    the sparse one (kernels/sparse/torch.py: block_loss), each reducing its per-row statistics
+    over the group.
 
     n_cols: V_r, this rank's columns; vocab_limit: the real vocabulary size (global columns at or
     past it are padding), or −1 for none.
