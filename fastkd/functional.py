@@ -2,6 +2,7 @@
 per op family (the registry), then one custom-op call each."""
 
 import math
+import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -244,6 +245,8 @@ def fused_linear_kd_loss(
     return_entropy: bool = False,
     fp32_logits: Optional[bool] = None,
     backend: str = "auto",
+    process_group=None,
+    grad_hidden_reduction: str = "sum",
 ) -> Union[Tensor, FusedLoss]:
     """Distillation loss from hidden states and lm_head weights, never forming the (N, V) logits.
 
@@ -275,12 +278,42 @@ def fused_linear_kd_loss(
             logit blocks take twice the memory), off on the CPU, where PyTorch has no such GEMM and
             the weight is upcast chunk by chunk for every token block (several times slower:
             docs/perf-notes.md). No effect on fp32/fp64 inputs.
+        process_group: a ``torch.distributed`` group over which the lm_head is split by vocabulary
+            rows (column-parallel, as Megatron's vocab-parallel lm_head): student_weight (V_r, Hs),
+            teacher_weight (V_r, Ht) and the biases (V_r,) are this rank's contiguous rows (ranks
+            in order, any sizes, the student's and teacher's slices alike); the hidden states and
+            labels (global token ids) are the same on every rank. Per token block the ranks
+            all-reduce per-row statistics only (O(N) bytes per step, independent of V; see
+            fastkd/kernels/fused_linear/vocab_parallel.py); the hard term's label logit comes from
+            the rank that holds it. ``vocab_size`` is then the real size of the whole vocabulary:
+            the padding rows past it sit at the end (the last rank). The loss is over the whole
+            vocabulary, equal on every rank; grad_weight and grad_bias are this rank's rows.
+            The ranks size their token blocks from their slice's row count rounded up to a power
+            of two, so those must agree: equal slices, or slices differing by one row (V // world
+            and V // world + 1) with the smaller not a power of two; other splits would mismatch
+            the ranks' collectives.
+            Every rank calls with the same rows, options and ``requires_grad`` on the student's
+            tensors (they decide which collectives run).
+            ``standardize`` with ``vocab_size`` and ``return_entropy`` are not supported with it.
+            DTensor weights placed Shard(0) need no group (their mesh gives it; hidden states and
+            labels plain or replicated DTensors) and give a replicated DTensor loss.
+        grad_hidden_reduction: with a process group, "sum" (default): student_hidden's gradient
+            is Σ_r grad_logits_r @ W_r, all-reduced over the group, as the backward of a
+            column-parallel linear with a replicated input gives it; "none": this rank's partial
+            product only, for callers whose own layers reduce it (sequence parallelism, or an input
+            that already passes through Megatron's copy-to-tensor-parallel region).
         The other options are those of :func:`kd_loss`.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none"; or a
         FusedLoss with ``return_components``.
     """
+    sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
+        dict(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
+             teacher_bias=teacher_bias),
+        dict(student_hidden=student_hidden, teacher_hidden=teacher_hidden, labels=labels), process_group)
+    student_weight, student_bias, teacher_weight, teacher_bias = sharded.values()
+    student_hidden, teacher_hidden, labels = replicated.values()
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     validation.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
@@ -292,21 +325,60 @@ def fused_linear_kd_loss(
                          f"student_hidden leading shape {tuple(leading_shape)}")
     if teacher_hidden.device != device:
         raise ValueError(f"student_hidden is on {device} but teacher_hidden is on {teacher_hidden.device}")
-    vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
     spec = make_spec(divergence, temperature, beta, skew, alpha=alpha, student_logit_scale=student_logit_scale,
                      student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
                      teacher_softcap=teacher_softcap, standardize=standardize, standardize_eps=standardize_eps)
-    _check_labels_for(spec, labels, vocab)
-    options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device,
-                             (student_hidden.dtype, teacher_hidden.dtype), fp32_logits, return_entropy)
-
-    student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
-    teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
+    dtypes = (student_hidden.dtype, teacher_hidden.dtype)
+    if process_group is None:
+        if grad_hidden_reduction != "sum":
+            raise ValueError(f"grad_hidden_reduction={grad_hidden_reduction!r} needs a process_group (without one "
+                             f"there is nothing to reduce over)")
+        vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
+        _check_labels_for(spec, labels, vocab)
+        options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device, dtypes,
+                                 fp32_logits, return_entropy)
+        student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+        teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
+    else:
+        if student_weight.shape[0] != teacher_weight.shape[0]:
+            raise ValueError(f"with process_group, student_weight and teacher_weight must hold the same vocabulary "
+                             f"rows on each rank; got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows "
+                             f"here (pad both to one vocabulary and pass vocab_size=)")
+        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
+                                          "renormalize", ignore_index, hard_weight, backend, device, dtypes,
+                                          fp32_logits, return_entropy)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
-    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
+    result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
+                           hard_weight, temperature_squared, reduction, normalizer,
+                           return_components or return_entropy)
+    if as_dtensor is None:
+        return result
+    return as_dtensor(result) if isinstance(result, Tensor) else result._replace(loss=as_dtensor(result.loss))
+
+
+def _vocab_parallel_options(group, vocab_size, grad_hidden_reduction, labels, spec, missing_mass, ignore_index,
+                            hard_weight, backend, device, dtypes, fp32_logits, return_entropy):
+    """The FusedLinearOptions of a vocab-parallel call (process_group given), its arguments checked."""
+    if grad_hidden_reduction not in ("sum", "none"):
+        raise ValueError(f"grad_hidden_reduction must be 'sum' or 'none'; got {grad_hidden_reduction!r}")
+    distributed.check_process_group(group, device)
+    _check_global_vocab_size(vocab_size)
+    if vocab_size is not None:
+        if spec.standardize:
+            raise NotImplementedError("standardize with vocab_size and process_group: the padding columns would "
+                                      "enter the row mean and std; not supported")
+    if return_entropy:
+        raise NotImplementedError("return_entropy with process_group: the entropy needs the whole row's logits "
+                                  "on one rank; not supported")
+    _check_labels_for(spec, labels, 2)  # this rank sees a slice: dkd's V ≥ 2 holds for the whole
+    parallel = registry.select("fused_linear_vocab_parallel", backend, device, dtypes, spec.features)
+    if fp32_logits is None:
+        fp32_logits = block_logits.default_fp32(device)
+    return FusedLinearOptions(spec, missing_mass, ignore_index, hard_weight != 0, parallel,
+                              parallel if hard_weight != 0 else "", fp32_logits, False, group.group_name,
+                              -1 if vocab_size is None else vocab_size, grad_hidden_reduction == "sum")
 
 
 def fused_linear_sparse_kd_loss(
@@ -333,32 +405,72 @@ def fused_linear_sparse_kd_loss(
     fp32_logits: Optional[bool] = None,
     validate: bool = False,
     backend: str = "auto",
+    process_group=None,
+    grad_hidden_reduction: str = "sum",
 ) -> Union[Tensor, FusedLoss]:
     """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
     ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
     those of :func:`fused_linear_kd_loss`; ``teacher_temperature`` is that of :func:`sparse_kd_loss`.
-    ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term."""
+    ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term.
+    ``process_group`` and ``grad_hidden_reduction``: as for :func:`fused_linear_kd_loss` (this
+    rank's rows of the student's lm_head; DTensor weights placed Shard(0)); the teacher's ids are
+    global, and each rank gathers the student logits of the ids in its slice: one (k, N) all-reduce
+    per step ("tail": + 4 values per token). ``validate`` then checks ids against ``vocab_size``
+    only when it is given (no rank knows the whole vocabulary on the host)."""
+    sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
+        dict(student_weight=student_weight, student_bias=student_bias),
+        dict(student_hidden=student_hidden, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
+             labels=labels), process_group)
+    student_weight, student_bias = sharded.values()
+    student_hidden, teacher_indices, teacher_logprobs, labels = replicated.values()
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device
     leading_shape = student_hidden.shape[:-1]
-    vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
+    if process_group is None:
+        if grad_hidden_reduction != "sum":
+            raise ValueError(f"grad_hidden_reduction={grad_hidden_reduction!r} needs a process_group (without one "
+                             f"there is nothing to reduce over)")
+        vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
+    else:
+        _check_global_vocab_size(vocab_size)
+        vocab = vocab_size if vocab_size is not None else sys.maxsize
     spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
     validation.check_flag("validate", validate)
     validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
     teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_hidden)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
-    options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device,
-                             (student_hidden.dtype, teacher_logprobs.dtype), fp32_logits, return_entropy)
-
-    student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+    dtypes = (student_hidden.dtype, teacher_logprobs.dtype)
+    if process_group is None:
+        options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device, dtypes,
+                                 fp32_logits, return_entropy)
+        student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+    else:
+        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
+                                          missing_mass, ignore_index, hard_weight, backend, device, dtypes,
+                                          fp32_logits, return_entropy)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
-    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
+    result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
+                           hard_weight, temperature_squared, reduction, normalizer,
+                           return_components or return_entropy)
+    if as_dtensor is None:
+        return result
+    return as_dtensor(result) if isinstance(result, Tensor) else result._replace(loss=as_dtensor(result.loss))
+
+
+def _check_global_vocab_size(vocab_size):
+    # With a process group the whole vocabulary's size is known on the device only (no host
+    # synchronisation): a vocab_size at or above it masks nothing.
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None; got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1; got {vocab_size}")
 
 
 def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, backend, device, dtypes, fp32_logits,

@@ -53,19 +53,21 @@ class KDLoss(_LossModule):
 class FusedLinearKDLoss(_LossModule):
     """:func:`fastkd.fused_linear_kd_loss`. ``forward(student_hidden, student_weight, teacher_hidden,
     teacher_weight, labels=None, *, student_bias=None, teacher_bias=None, normalizer=None)``;
-    ``transforms`` as for :class:`KDLoss`."""
+    ``transforms`` as for :class:`KDLoss`; ``process_group`` and ``grad_hidden_reduction`` for an
+    lm_head split by vocabulary rows (see the function)."""
 
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  vocab_size: Optional[int] = None, temperature: float = 1.0, beta: Optional[float] = None,
                  skew: float = 0.1, alpha: Optional[float] = None, temperature_squared: bool = False,
                  ignore_index: int = -100, reduction: str = "mean", return_components: bool = False,
                  return_entropy: bool = False, fp32_logits: Optional[bool] = None, backend: str = "auto",
-                 **transforms):
+                 process_group=None, grad_hidden_reduction: str = "sum", **transforms):
         super().__init__(**_spec_options(divergence, temperature, beta, skew, alpha, transforms),
                          soft_weight=soft_weight, hard_weight=hard_weight, vocab_size=vocab_size,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          return_components=return_components, return_entropy=return_entropy,
-                         fp32_logits=fp32_logits, backend=backend)
+                         fp32_logits=fp32_logits, backend=backend, process_group=process_group,
+                         grad_hidden_reduction=grad_hidden_reduction)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
@@ -95,18 +97,21 @@ class SparseKDLoss(_LossModule):
 
 class FusedLinearSparseKDLoss(_LossModule):
     """:func:`fastkd.fused_linear_sparse_kd_loss`. ``forward(student_hidden, student_weight,
-    teacher_indices, teacher_logprobs, labels=None, *, student_bias=None, normalizer=None)``."""
+    teacher_indices, teacher_logprobs, labels=None, *, student_bias=None, normalizer=None)``;
+    ``process_group`` and ``grad_hidden_reduction`` for a student lm_head split by vocabulary rows."""
 
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  vocab_size: Optional[int] = None, temperature: float = 1.0, teacher_temperature: float = 1.0,
                  missing_mass: str = "renormalize", temperature_squared: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", return_components: bool = False, return_entropy: bool = False,
-                 fp32_logits: Optional[bool] = None, validate: bool = False, backend: str = "auto"):
+                 fp32_logits: Optional[bool] = None, validate: bool = False, backend: str = "auto",
+                 process_group=None, grad_hidden_reduction: str = "sum"):
         super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
                          vocab_size=vocab_size, temperature=temperature, teacher_temperature=teacher_temperature,
                          missing_mass=missing_mass, temperature_squared=temperature_squared,
                          ignore_index=ignore_index, reduction=reduction, return_components=return_components,
-                         return_entropy=return_entropy, fp32_logits=fp32_logits, validate=validate, backend=backend)
+                         return_entropy=return_entropy, fp32_logits=fp32_logits, validate=validate, backend=backend,
+                         process_group=process_group, grad_hidden_reduction=grad_hidden_reduction)
         functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,

@@ -51,6 +51,11 @@ class FusedLinearOptions:
     ce_backend: str  # "" without the hard term
     fp32_logits: bool = False  # fp16/bf16 logit blocks kept in fp32 (kernels/fused_linear/block_logits.py)
     with_entropy: bool = False  # also the student's per-row entropy at temperature T
+    # Vocab-parallel (kernels/fused_linear/vocab_parallel.py): the group's name ("" for none), the real
+    # vocabulary size for padded weights (-1: no padding), and whether grad_hidden is summed over the group.
+    group_name: str = ""
+    vocab_limit: int = -1
+    sum_grad_hidden: bool = True
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ FAMILIES = {
     "kl_div": "torch.nn.KLDivLoss terms (compat.kl_div)",
     "ce": "hard-label cross-entropy rows (hard_weight of the fused losses)",
     "kd_rows_vocab_parallel": "kd_loss over a vocabulary split across a process group (process_group=)",
+    "fused_linear_vocab_parallel": "the fused linear loss with lm_head rows split across a process group "
+                                   "(fused_linear_kd_loss(process_group=))",
     "sparse_kd": "divergences against a top-k teacher",
     "sinkhorn": "the batched Sinkhorn forward",
     "sinkhorn_backward": "the Sinkhorn gradients",
@@ -110,6 +112,9 @@ ROWS = (
 
     Implementation("kd_rows_vocab_parallel", "torch", None, _ALL_FLOATS, 10, "fastkd.distributed",
                    features=FEATURES),
+    # The block GEMMs as on one device; the per-row statistics of each block all-reduced (torch ops).
+    Implementation("fused_linear_vocab_parallel", "torch", None, _ALL_FLOATS, 10,
+                   "fastkd.kernels.fused_linear.vocab_parallel", features=FEATURES),
 
     Implementation("sparse_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SPARSE),
     Implementation("sparse_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SPARSE,

@@ -77,9 +77,10 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
 
     student_hidden: (N, Hs); student_weight: (V, Hs); student_bias: (V,) or None; teacher: a
     DenseTeacher or SparseTeacher over the same N rows; labels: (N,) int or None; options: a
-    FusedLinearOptions. With soft_scale and hard_scale (N,) given, also returns the gradients of
-    Σ soft_scale·soft + hard_scale·hard with respect to the student hidden states, weight and
-    bias, each only where ``need`` says so (else None).
+    FusedLinearOptions (with options.group_name, the weight and bias are this rank's rows of a
+    vocabulary split over that group: see vocab_parallel.py). With soft_scale and hard_scale (N,)
+    given, also returns the gradients of Σ soft_scale·soft + hard_scale·hard with respect to the
+    student hidden states, weight and bias, each only where ``need`` says so (else None).
     With options.with_entropy, also the student's entropy per row at temperature T (0 on ignored
     rows), from each logit block while it is in memory; else entropy is None.
     Returns (soft_rows (N,), hard_rows (N,), entropy (N,) or None, grad_hidden, grad_weight, grad_bias).
@@ -90,8 +91,16 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     weight_dtype, bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
     student_weight, student_bias = _in_dtype(student_weight, student_hidden.dtype), _in_dtype(
         student_bias, student_hidden.dtype)
-    soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
-    ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
+    exchange = None
+    if options.group_name:
+        # Vocab-parallel: this rank's weight rows are a slice of the vocabulary; one Exchange serves
+        # both terms, all-reducing per-row statistics per block (vocab_parallel.py).
+        parallel = registry.implementation("fused_linear_vocab_parallel", options.soft_backend, device_type)
+        exchange = parallel.Exchange(options.group_name, vocab, student_hidden.device, options.vocab_limit)
+        soft_kernels, ce = exchange, exchange if options.with_hard else None
+    else:
+        soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
+        ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
     ignore_index = options.ignore_index
     want_grad = soft_scale is not None
     need_hidden, need_weight, need_bias = need if want_grad else (False, False, False)
@@ -104,7 +113,7 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
     soft_rows = hard_rows = entropy = None
 
-    rows = block_rows(n_rows, vocab, student_hidden.device)
+    rows = block_rows(n_rows, vocab if exchange is None else exchange.block_vocab, student_hidden.device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         hidden = student_hidden[start:stop]
@@ -141,6 +150,8 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
             block_grad = rounded if weight_dtype == rounded.dtype else grad_logits.to(weight_dtype)
             grad_weight.addmm_(block_grad.t(), hidden.to(weight_dtype))
 
+    if exchange is not None and need_hidden and options.sum_grad_hidden:
+        exchange.sum_over_group(grad_hidden)
     if soft_rows is None:  # no rows at all
         dtype = compute_dtype(student_hidden, teacher.row_dtype_source)
         soft_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)

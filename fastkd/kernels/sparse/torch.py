@@ -36,17 +36,6 @@ def _row_chunks(n_rows, n_cols):
     return row_chunks(n_rows, n_cols, CHUNK_ELEMENTS)
 
 
-def _kl_and_grad_on_buckets(name, log_p, log_q):
-    """Row KL over buckets and its gradient with respect to the buckets' student log-masses
-    (through a softmax over the buckets): returns (loss (R,), dL/ds on the buckets (R, B))."""
-    p, q = log_p.exp(), log_q.exp()
-    if name == "forward_kl":
-        loss = divergences.safe_weighted(p, log_p - log_q).sum(-1)
-        return loss, q - p
-    loss = divergences.safe_weighted(q, log_q - log_p).sum(-1)
-    return loss, divergences.safe_weighted(q, log_q - log_p - loss[:, None])
-
-
 def _log_mass_outside(s, index, row_max, log_sum):
     """log Σ_{i∉S} softmax(s)_i per row, summed over the entries outside S (-inf if none)."""
     rest = s.scatter(1, index, -math.inf)
@@ -73,7 +62,7 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     if missing_mass == "renormalize":
         log_p = torch.log_softmax(teacher_log, -1)
         log_q = torch.log_softmax(s_support, -1)
-        loss, grad_support = _kl_and_grad_on_buckets(spec.name, log_p, log_q)
+        loss, grad_support = divergences.kl_and_grad_on_buckets(spec.name, log_p, log_q)
         grad = None if scale is None else torch.zeros_like(s).scatter_(1, index, grad_support)
     else:
         row_max, log_sum = divergences.log_softmax_parts(s)
@@ -85,7 +74,7 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
         p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)
         log_p = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
         log_q = torch.cat([log_q_support, log_q_tail[:, None]], 1)
-        loss, _ = _kl_and_grad_on_buckets(spec.name, log_p, log_q)
+        loss, _ = divergences.kl_and_grad_on_buckets(spec.name, log_p, log_q)
         grad = None
         if scale is not None:
             q = divergences.log_probs(s, row_max, log_sum).exp()
