@@ -252,7 +252,8 @@ def fused_linear_kd_loss(
 
     Per token: ``soft_weight · D(student, teacher) (· T² if temperature_squared) + hard_weight ·
     CE(student logits at T = 1, labels)`` with D any ``kd_loss`` divergence, then reduced as in
-    :func:`kd_loss`. Logits are formed block by block inside the op, by a matmul in the hidden
+    :func:`kd_loss`. The cross-entropy sees the logits as the student model outputs them: after
+    ``student_logit_scale`` and ``student_softcap``, without standardisation or temperature. Logits are formed block by block inside the op, by a matmul in the hidden
     states' dtype: a weight of another dtype (fp32 parameters next to bf16 activations under
     ``torch.autocast``) is cast for the matmul, and its gradient comes back in its own dtype.
 

@@ -135,6 +135,32 @@ def test_fused_linear_with_a_gemma_style_softcap(reduction):
     assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("backend", _backends("logit_scale", "softcap"))
+@pytest.mark.parametrize("scale,cap", [(0.5, None), (2.0, 30.0), (1.0, 5.0)])
+def test_fused_hard_term_sees_the_model_logits(backend, scale, cap):
+    # The hard cross-entropy is the model's own loss: on scale·x, soft-capped, as the model outputs
+    # them (a Gemma or Granite student), never on the raw lm_head product.
+    hidden = (torch.randn(23, 16, device=DEVICE) * 3).requires_grad_(True)
+    weight = (torch.randn(101, 16, device=DEVICE) * 3).requires_grad_(True)
+    teacher_hidden, teacher_weight = torch.randn(23, 12, device=DEVICE), torch.randn(101, 12, device=DEVICE)
+    labels = torch.randint(0, 101, (23,), device=DEVICE)
+    labels[::4] = -100
+    loss = fastkd.fused_linear_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, hard_weight=0.7,
+                                       soft_weight=0.4, temperature=2.0, student_logit_scale=scale,
+                                       student_softcap=cap, backend=backend)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    leaves = [hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)]
+    student = capped(leaves[0] @ leaves[1].t(), scale, cap)
+    teacher = teacher_hidden.double() @ teacher_weight.double().t()
+    active = labels != -100
+    soft = torch.where(active, row_losses("forward_kl", student, teacher, 2.0), 0.0).sum() / active.sum()
+    hard = torch.nn.functional.cross_entropy(student, labels, ignore_index=-100)
+    ref = 0.4 * soft + 0.7 * hard
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert rel_err(loss, ref) < 2e-5
+    assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
+
+
 @pytest.mark.parametrize("call,error,words", [
     (lambda s, t: fastkd.kd_loss(s, t, student_softcap=0.0), ValueError, "student_softcap"),
     (lambda s, t: fastkd.kd_loss(s, t, teacher_logit_scale=-1.0), ValueError, "teacher_logit_scale"),

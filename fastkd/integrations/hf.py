@@ -217,11 +217,6 @@ def _check_models(student, teacher, options):
                             f"got {type(model).__name__}")
         lm_head_of(model, gather=False)
     student_transform, teacher_transform = logit_transform_of(student.config), logit_transform_of(teacher.config)
-    if options.get("hard_weight", 0.0) != 0 and student_transform != LogitTransform():
-        # fastkd's hard term is cross-entropy on the raw head output; the model's own loss is on
-        # the scaled/capped logits, so the numbers would silently differ.
-        raise ValueError(f"hard_weight must be 0 for a student whose config transforms its logits "
-                         f"({student_transform}); add the model's own loss instead")
     if options.get("teacher_top_k") is not None:
         if options.get("process_group") is not None:
             raise ValueError("teacher_top_k and process_group cannot be combined (no vocab-parallel sparse teacher)")

@@ -14,6 +14,7 @@ backends the public function chose (options.soft_backend, options.ce_backend).
 
 import torch
 
+from ... import logit_transforms
 from .. import registry
 from ..layout import compute_dtype
 from . import block_logits
@@ -58,6 +59,27 @@ class SparseTeacher:
     def block(self, kernels, options, start, stop, student_logits, labels, scale):
         return kernels.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop], labels,
                                   options.spec, options.missing_mass, options.ignore_index, scale)
+
+
+def _model_logits(student_logits, spec):
+    """The student's logits as its model outputs them (logit scale, then soft-cap): what the hard
+    cross-entropy sees. Standardisation and the temperature belong to the distillation term only."""
+    if spec.student_scale == 1.0 and spec.student_softcap == 0:
+        return student_logits
+    return logit_transforms.scale_and_cap(student_logits, spec.student_scale, spec.student_softcap)
+
+
+def _hard_backward(ce, grad_loss, student_logits, model_logits, labels, stats, options, out):
+    """Adds grad_loss_i · ∂CE_i/∂(student logits) into ``out``; through the scale and soft-cap when
+    the model transforms its logits (one more block-sized buffer then, never (N, V))."""
+    spec = options.spec
+    if model_logits is student_logits:
+        ce.ce_rows_backward(grad_loss, student_logits, labels, stats, options.ignore_index, out=out)
+        return
+    grad_model = torch.zeros_like(out)
+    ce.ce_rows_backward(grad_loss, model_logits, labels, stats, options.ignore_index, out=grad_model)
+    out.add_(logit_transforms.backward(student_logits.to(out.dtype), grad_model, spec.student_scale, spec.student_softcap,
+                                       False, 0.0))
 
 
 def block_rows(n_rows, vocab, device):
@@ -130,13 +152,14 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         if entropy is not None:
             entropy[start:stop] = entropy_rows(student_logits, block_labels, options)
         if ce is not None:
-            hard, ce_stats = ce.ce_rows_forward(student_logits, block_labels, ignore_index)
+            model_logits = _model_logits(student_logits, options.spec)
+            hard, ce_stats = ce.ce_rows_forward(model_logits, block_labels, ignore_index)
             hard_rows[start:stop] = hard
         if not want_grad:
             continue
         if ce is not None:
-            ce.ce_rows_backward(hard_scale[start:stop], student_logits, block_labels, ce_stats, ignore_index,
-                                out=grad_logits)
+            _hard_backward(ce, hard_scale[start:stop], student_logits, model_logits, block_labels, ce_stats,
+                           options, grad_logits)
         if need_bias:
             grad_bias += grad_logits.sum(0, dtype=accumulate)
         # fp32 logits give an fp32 gradient block: rounded once to the GEMM operands' dtype (a
