@@ -9,6 +9,9 @@ on the same inputs and checked against a float64 eager reference before they are
     eager              logits by matmul, upcast to fp32, the JSD written with log_softmax
     compile            torch.compile of eager (CUDA, and --smoke)
     liger              Liger-Kernel's LigerFusedLinearJSDLoss, where installed
+    trl-chunked        TRL's ChunkedDivergenceFunction (trl/kernels/chunked_divergence.py, TRL ≥ 1.16),
+                       called as its DistillationTrainer does, where installed: vocabulary tiles of
+                       4096 × 32768 fp32 logits, Triton kernels on CUDA, the same math in PyTorch on a CPU
     gemms              the four GEMMs alone (teacher and student logits, grad-hidden,
                        grad-weight): the compute floor every fused loss is set against
 
@@ -123,6 +126,31 @@ def _liger(inputs):
                                   inputs["teacher_weight"], labels), inputs)
 
 
+def _trl_chunked(inputs):
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    # TRL's beta selects the divergence with fastkd's convention (jsd mixture beta·p_teacher +
+    # (1 − beta)·p_student; 0 is forward KL, 1 reverse KL). Its function returns per-token
+    # (divergence, student entropy); DistillationTrainer sums the divergence over valid tokens and
+    # divides by their count: all rows are valid here, so the mean.
+    def loss():
+        divergence, _ = ChunkedDivergenceFunction.apply(
+            inputs["student_hidden"], inputs["student_weight"], None, inputs["teacher_hidden"],
+            inputs["teacher_weight"], None, BETA, 1.0, 1.0, None, 1.0, None)
+        return divergence.mean()
+
+    return lambda: _grads(loss(), inputs)
+
+
+def _trl_chunked_missing():
+    """Why TRL's chunked divergence cannot run here, or "" when it can."""
+    try:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: F401
+    except Exception as exc:  # absent, or a TRL before 1.16 without the module
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return ""
+
+
 def _gemms(inputs):
     sh, sw, th, tw = (inputs[k].detach() for k in ("student_hidden", "student_weight", "teacher_hidden",
                                                     "teacher_weight"))
@@ -148,6 +176,11 @@ def select(device, suite_name):
         providers.append(FusedProvider("liger", _liger))
     else:
         notes.append("liger: not run (Liger-Kernel is not installed, or no GPU)")
+    missing = _trl_chunked_missing()
+    if missing:
+        notes.append(f"trl-chunked: not run (trl.kernels.chunked_divergence does not import: {missing})")
+    else:
+        providers.append(FusedProvider("trl-chunked", _trl_chunked))
     providers.append(FusedProvider("gemms", _gemms, checked=False))
     return providers, notes
 
