@@ -205,7 +205,8 @@ def reference(inputs, rows_per_chunk=256):
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()  # losses still carry autograd: read their values only
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _check(result, reference, case):
