@@ -262,7 +262,8 @@ def peak_step_memory(kind, config):
     """Extra resident bytes of one distillation step of ``kind`` (CPU, Linux), or None with the reason."""
     if not os.path.exists("/proc/self/status"):
         return None, "no /proc/self/status (not Linux)"
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--config", json.dumps(asdict(config))]
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind,
+               "--config", json.dumps(asdict(config))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         return None, (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -307,7 +308,8 @@ def report(result):
     fast, eager = runs["fastkd"]["losses"], runs["eager"]["losses"]
     every = max(1, len(fast) // 20)
     for step in sorted(set(range(0, len(fast), every)) | {len(fast) - 1}):
-        print(f"{step:>6} {fast[step]:>12.6f} {eager[step]:>12.6f} {abs(fast[step] - eager[step]) / eager[step]:>10.1e}")
+        gap = abs(fast[step] - eager[step]) / eager[step]
+        print(f"{step:>6} {fast[step]:>12.6f} {eager[step]:>12.6f} {gap:>10.1e}")
     print(f"largest step-by-step relative gap between the curves: {max_relative_gap(fast, eager):.1e}")
     top1, kl = result["init_agreement"]
     print(f"student before distillation: top-1 agreement {top1:.1%}, KL(teacher‖student) {kl:.4f}")
@@ -333,8 +335,10 @@ def plot(result, path):
              title="distillation loss")
     left.legend()
     gaps = [abs(x - y) / y for x, y in zip(fast, eager)]
-    right.plot(range(len(gaps)), [max(g, 1e-12) for g in gaps], linewidth=1)
-    right.set(xlabel="step", ylabel="|fastkd − eager| / eager", yscale="log", title="gap between the curves")
+    floor = 1e-9  # equal values (a gap of 0) are drawn here: a log axis has no 0
+    right.plot(range(len(gaps)), [max(g, floor) for g in gaps], ".", markersize=3)
+    right.set(xlabel="step", ylabel="|fastkd − eager| / eager", yscale="log", ylim=(floor / 2, None),
+              title=f"gap between the curves (0 drawn at {floor:g})")
     config = result["config"]
     figure.suptitle(f"tiny Llama student (H={config['student_hidden']}) from a teacher (H={config['teacher_hidden']}), "
                     f"V={config['vocab']}, {config['batch']}×{config['seq_len']} tokens/step, CPU", fontsize=9)
