@@ -80,6 +80,7 @@ class FusedProvider:
     name: str
     make: Callable
     checked: bool = True
+    fresh_process_memory: bool = True  # False: a fresh process would compile again before measuring
 
 
 def make_inputs(case, device, seed=0):
@@ -179,7 +180,7 @@ def select(device, suite_name):
     providers = [FusedProvider(f"fastkd-{name}", _fastkd(name)) for name in names]
     providers.append(FusedProvider("eager", _eager))
     if device.type == "cuda" or suite_name == "smoke":
-        providers.append(FusedProvider("compile", _compiled))
+        providers.append(FusedProvider("compile", _compiled, fresh_process_memory=False))
     else:
         notes.append("compile: not run on this CPU (its compile time exceeds the run)")
     if importlib.util.find_spec("liger_kernel") is not None and device.type == "cuda":
@@ -282,10 +283,13 @@ def run_case(case, device, suite_name, notes, label):
             row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms)
             if device.type == "cuda":
                 row["peak_extra_mib"] = cuda_peak_extra_bytes(step) / _MIB
-            else:
+            elif provider.fresh_process_memory:
                 row["peak_extra_mib"], reason = _cpu_peak_mib(case, provider.name, suite_name)
                 if reason:
                     notes.append(f"{provider.name}: {reason}")
+            else:
+                notes.append(f"{provider.name}: peak memory not measured on a CPU (a fresh process would compile "
+                             "again)")
         except Exception as exc:  # a provider that cannot run (e.g. out of memory) is reported, not fatal
             row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if not row["check_detail"]:
