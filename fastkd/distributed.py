@@ -158,6 +158,11 @@ def unwrap_sharded_weights(sharded, replicated, group):
     return local_sharded, local_replicated, mesh.get_group(vocab_dims[0]), wrap
 
 
+def global_rows(weight):
+    """The global row count of a DTensor lm_head weight (known alike on every rank), else None."""
+    return weight.shape[0] if _is_dtensor(weight) else None
+
+
 def _is_dtensor(x):
     # No DTensor exists unless its module was imported; importing it here would cost seconds.
     module = sys.modules.get("torch.distributed.tensor")
@@ -187,15 +192,23 @@ def _chunks(n_rows, n_cols):
 
 class Layout:
     """Where this rank's columns sit in the vocabulary, on the device (no host synchronisation):
-    the offset of its first column and the total V, both 0-d int64 tensors."""
+    the offset of its first column and the total V (the sum of the slices), both 0-d int64
+    tensors. With ``vocab_limit`` ≥ 0 the global columns at or past it are padding: ``padding``
+    is then this rank's (V_r,) bool mask of them (else None) and ``columns`` the real vocabulary,
+    min(V, vocab_limit) (else V)."""
 
-    def __init__(self, n_cols, device, group):
+    def __init__(self, n_cols, device, group, vocab_limit=-1):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = torch.zeros(world, dtype=torch.int64, device=device)
         sizes[rank] = n_cols
         all_reduce(sizes, dist.ReduceOp.SUM, group)
         self.offset = sizes[:rank].sum()
         self.total = sizes.sum()
+        self.padding = None
+        self.columns = self.total
+        if vocab_limit >= 0:
+            self.padding = self.offset + torch.arange(n_cols, device=device) >= vocab_limit  # (V_r,)
+            self.columns = torch.clamp(self.total, max=vocab_limit)
 
 
 class _Targets:
@@ -208,7 +221,7 @@ class _Targets:
         local = labels - layout.offset
         self.owns = (local >= 0) & (local < n_cols)
         self.index = torch.where(self.owns, local, 0)[:, None]
-        self.bad = ~((labels >= 0) & (labels < layout.total)) & (labels != ignore_index)
+        self.bad = ~((labels >= 0) & (labels < layout.columns)) & (labels != ignore_index)
 
     def rows(self, start, stop):
         return self.owns[start:stop], self.index[start:stop]
@@ -222,24 +235,30 @@ def _mask_target(x, owns, index):
 
 class _Standard:
     """Global per-row mean, std and std + eps of each side's scaled and capped logits y, for
-    ``standardize`` (sample std, divisor V − 1, as logit_transforms.py)."""
+    ``standardize`` (sample std, divisor V − 1, as logit_transforms.py), over the real columns
+    only: padding columns (layout.padding, −inf) enter neither the sums nor the count."""
 
     def __init__(self, rows, n_rows, n_cols, spec, layout, dtype, device, group):
-        total = layout.total.to(dtype)
+        self.padding = layout.padding
+        total = layout.columns.to(dtype)
         sums = torch.zeros(2, n_rows, dtype=dtype, device=device)
         for start, stop in _chunks(n_rows, n_cols):
             for side in range(2):
-                sums[side, start:stop] = rows(side, start, stop).sum(-1)
+                sums[side, start:stop] = self.real(rows(side, start, stop)).sum(-1)
         self.mean = all_reduce(sums, dist.ReduceOp.SUM, group) / total
         squares = torch.zeros(2, n_rows, dtype=dtype, device=device)
         for start, stop in _chunks(n_rows, n_cols):
             for side in range(2):
                 centred = rows(side, start, stop) - self.mean[side, start:stop, None]
-                squares[side, start:stop] = centred.square().sum(-1)
+                squares[side, start:stop] = self.real(centred.square()).sum(-1)
         all_reduce(squares, dist.ReduceOp.SUM, group)
         self.std = (squares / (total - 1).clamp(min=1)).sqrt()
         self.denominator = self.std + spec.standardize_eps
         self.total = total
+
+    def real(self, x):
+        """x (rows, V_r) with 0 on the padding columns (whose −inf or NaN would poison a row sum)."""
+        return x if self.padding is None else x.masked_fill(self.padding, 0.0)
 
 
 class _Sides:
@@ -269,13 +288,15 @@ class _Sides:
 
 class RowState(NamedTuple):
     """What the backward of a block needs from its forward: per-row statistics already exchanged
-    (row_max, log_sum (2, N); aux), the standardisation's statistics and dkd's targets (or None)."""
+    (row_max, log_sum (2, N); aux), the standardisation's statistics and dkd's targets (or None);
+    and the student's entropy per row when asked for (a logged value, not needed by the backward)."""
 
     row_max: torch.Tensor
     log_sum: torch.Tensor
     aux: torch.Tensor
     standard: Optional["_Standard"]
     targets: Optional["_Targets"]
+    entropy: Optional[torch.Tensor] = None
 
 
 class _VocabParallelKDRows(torch.autograd.Function):
@@ -296,13 +317,22 @@ class _VocabParallelKDRows(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def rows_forward(student, teacher, labels, spec, ignore_index, group, layout=None):
+def rows_forward(student, teacher, labels, spec, ignore_index, group, layout=None, with_entropy=False):
     """The forward of :func:`kd_rows_vocab_parallel` on one block of rows, for callers that
     drive their own autograd (the fused linear losses, per token block).
 
-    student, teacher: (N, V_r) this rank's columns; labels: (N,) global ids or None; layout: this
-    rank's Layout, or None to exchange the slice sizes here when needed. Returns ((N,) losses,
-    equal on every rank, and the RowState that :func:`rows_backward` takes).
+    student, teacher: (N, V_r) this rank's columns (padding columns, if any, −inf and marked in
+    layout.padding); labels: (N,) global ids or None; layout: this rank's Layout, or None to
+    exchange the slice sizes here when needed. Returns ((N,) losses, equal on every rank, and the
+    RowState that :func:`rows_backward` takes).
+
+    ``with_entropy``: RowState.entropy is the student's entropy over the whole vocabulary per row,
+    H = −Σ_v q_v log q_v with q the student's softmax at T (after its transforms): one more row in
+    the last (k, N) SUM, Σ over this rank's columns of −q log q (every term ≥ 0: no cancellation).
+    dkd's softmaxes leave the target out; from the masked distribution's entropy H_m, with
+    t = log q_target and r = log(1 − q_target) over the whole row:
+    H = e^r·(H_m − r) − e^t·t. Ignored rows' entropy is whatever their logits give (the caller
+    zeroes it).
     """
     n_rows, n_cols = student.shape
     device, dtype = student.device, compute_dtype(student, teacher)
@@ -347,16 +377,21 @@ def rows_forward(student, teacher, labels, spec, ignore_index, group, layout=Non
                 for side in range(2)]
 
     tvd = spec.name == "tvd"
-    partial = torch.zeros(1 if dkd else 4 if tvd else 2, n_rows, dtype=dtype, device=device)
+    n_partial = 1 if dkd else 4 if tvd else 2
+    partial = torch.zeros(n_partial + with_entropy, n_rows, dtype=dtype, device=device)
     for start, stop in _chunks(n_rows, n_cols):
         lq, lp = log_probs(start, stop)
+        if with_entropy:  # q·log q is 0·(−inf) = NaN on masked columns: they hold no probability
+            partial[-1, start:stop] = -torch.where(lq > -math.inf, lq.exp() * lq, 0.0).sum(-1)
         if dkd:  # NCKD's terms over this rank's non-target classes
             partial[0, start:stop] = divergences._kl_terms(lp.exp(), lp, lq, divergences._fresh).sum(-1)
         elif tvd:
-            partial[:, start:stop] = _tvd_sums(lq, lp)
+            partial[:4, start:stop] = _tvd_sums(lq, lp)
         else:  # every divergence's loss and aux are sums of element-wise terms
             partial[0, start:stop], partial[1, start:stop] = divergences.row_loss_and_aux(spec, lq, lp)
     all_reduce(partial, dist.ReduceOp.SUM, group)
+    entropy = partial[-1] if with_entropy else None
+    partial = partial[:n_partial]
 
     if dkd:
         target_shifted = sums[2:] - row_max
@@ -366,13 +401,23 @@ def rows_forward(student, teacher, labels, spec, ignore_index, group, layout=Non
                 + divergences._binary_kl(log_rest[1], log_rest[0]))
         row_loss = torch.where(targets.bad, math.nan, spec.alpha * tckd + spec.param * partial[0])
         aux = log_target[0].exp() - log_target[1].exp()
+        if with_entropy:
+            entropy = _with_target(entropy, log_target[0], log_rest[0])
     else:
         row_loss, aux = partial[0], partial[1:]
     active = None if labels is None else labels != ignore_index
     if active is not None:
         row_loss = torch.where(active, row_loss, 0.0)
 
-    return row_loss, RowState(row_max, log_sum, aux, sides.standard, targets)
+    return row_loss, RowState(row_max, log_sum, aux, sides.standard, targets, entropy)
+
+
+def _with_target(masked_entropy, log_target, log_rest):
+    """The entropy of a whole row from that of its distribution without the target (dkd's), the
+    target's log-probability t and the rest's r: e^r·(H_m − r) − e^t·t, each term 0 when its mass is."""
+    zero = torch.zeros((), dtype=masked_entropy.dtype, device=masked_entropy.device)
+    rest = torch.where(log_rest > -math.inf, log_rest.exp() * (masked_entropy - log_rest), zero)
+    return rest - torch.where(log_target > -math.inf, log_target.exp() * log_target, zero)
 
 
 def rows_backward(grad_loss, student, teacher, labels, state, spec, ignore_index, group):
@@ -415,8 +460,9 @@ def rows_backward(grad_loss, student, teacher, labels, state, spec, ignore_index
     if spec.standardize:
         # The standardisation's backward needs Σg, Σg·c and Σc over the whole row (c = y − mean).
         sums = torch.zeros(3, n_rows, dtype=dtype, device=student.device)
+        real = state.standard.real
         for start, stop in _chunks(n_rows, n_cols):
-            g, centred = grad_scaled(start, stop), sides.centred(0, start, stop)
+            g, centred = grad_scaled(start, stop), real(sides.centred(0, start, stop))
             sums[0, start:stop], sums[1, start:stop] = g.sum(-1), (g * centred).sum(-1)
             sums[2, start:stop] = centred.sum(-1)
         through_std = all_reduce(sums, dist.ReduceOp.SUM, group)
@@ -425,8 +471,9 @@ def rows_backward(grad_loss, student, teacher, labels, state, spec, ignore_index
     for start, stop in _chunks(n_rows, n_cols):
         g = grad_scaled(start, stop)
         if through_std is not None:
-            g = _standardize_backward(g, sides.centred(0, start, stop), through_std[:, start:stop],
-                                      state.standard, start, stop)
+            # Padding columns (centred −inf) get no gradient: they are not in the softmax.
+            g = state.standard.real(_standardize_backward(g, sides.centred(0, start, stop),
+                                                          through_std[:, start:stop], state.standard, start, stop))
         x = student[start:stop].to(dtype)
         grad[start:stop] = logit_transforms.backward(x, g, spec.student_scale, spec.student_softcap, False,
                                                      spec.standardize_eps)

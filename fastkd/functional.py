@@ -289,13 +289,15 @@ def fused_linear_kd_loss(
             the rank that holds it. ``vocab_size`` is then the real size of the whole vocabulary:
             the padding rows past it sit at the end (the last rank). The loss is over the whole
             vocabulary, equal on every rank; grad_weight and grad_bias are this rank's rows.
-            The ranks size their token blocks from their slice's row count rounded up to a power
-            of two, so those must agree: equal slices, or slices differing by one row (V // world
-            and V // world + 1) with the smaller not a power of two; other splits would mismatch
-            the ranks' collectives.
+            The ranks size their token blocks from what they all know alike (N, the group size,
+            ``vocab_size`` or a DTensor head's global rows), so slices of any sizes run the same
+            collectives; give ``vocab_size`` (even with no padding) to size the blocks for the
+            memory budget, else a slice of 65,536 columns is assumed.
             Every rank calls with the same rows, options and ``requires_grad`` on the student's
             tensors (they decide which collectives run).
-            ``standardize`` with ``vocab_size`` and ``return_entropy`` are not supported with it.
+            ``standardize`` takes the row mean and std over the real vocabulary (padding left out);
+            ``return_entropy`` gives the entropy over the whole vocabulary (one more per-row value
+            all-reduced per block).
             DTensor weights placed Shard(0) need no group (their mesh gives it; hidden states and
             labels plain or replicated DTensors) and give a replicated DTensor loss.
         grad_hidden_reduction: with a process group, "sum" (default): student_hidden's gradient
@@ -309,6 +311,7 @@ def fused_linear_kd_loss(
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none"; or a
         FusedLoss with ``return_components``.
     """
+    global_rows = distributed.global_rows(student_weight)
     sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
         dict(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
              teacher_bias=teacher_bias),
@@ -349,7 +352,7 @@ def fused_linear_kd_loss(
                              f"here (pad both to one vocabulary and pass vocab_size=)")
         options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
                                           "renormalize", ignore_index, hard_weight, backend, device, dtypes,
-                                          fp32_logits, return_entropy)
+                                          fp32_logits, return_entropy, global_rows)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
     result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
                            hard_weight, temperature_squared, reduction, normalizer,
@@ -360,26 +363,22 @@ def fused_linear_kd_loss(
 
 
 def _vocab_parallel_options(group, vocab_size, grad_hidden_reduction, labels, spec, missing_mass, ignore_index,
-                            hard_weight, backend, device, dtypes, fp32_logits, return_entropy):
-    """The FusedLinearOptions of a vocab-parallel call (process_group given), its arguments checked."""
+                            hard_weight, backend, device, dtypes, fp32_logits, return_entropy, global_rows):
+    """The FusedLinearOptions of a vocab-parallel call (process_group given), its arguments checked.
+    global_rows: a DTensor head's global row count, or None."""
     if grad_hidden_reduction not in ("sum", "none"):
         raise ValueError(f"grad_hidden_reduction must be 'sum' or 'none'; got {grad_hidden_reduction!r}")
     distributed.check_process_group(group, device)
     _check_global_vocab_size(vocab_size)
-    if vocab_size is not None:
-        if spec.standardize:
-            raise NotImplementedError("standardize with vocab_size and process_group: the padding columns would "
-                                      "enter the row mean and std; not supported")
-    if return_entropy:
-        raise NotImplementedError("return_entropy with process_group: the entropy needs the whole row's logits "
-                                  "on one rank; not supported")
+    # What every rank knows alike of the whole vocabulary sizes the token blocks (vocab_parallel.py).
+    global_vocab = global_rows or vocab_size or -1
     _check_labels_for(spec, labels, 2)  # this rank sees a slice: dkd's V ≥ 2 holds for the whole
     parallel = registry.select("fused_linear_vocab_parallel", backend, device, dtypes, spec.features)
     if fp32_logits is None:
         fp32_logits = block_logits.default_fp32(device)
     return FusedLinearOptions(spec, missing_mass, ignore_index, hard_weight != 0, parallel,
-                              parallel if hard_weight != 0 else "", fp32_logits, False, group.group_name,
-                              -1 if vocab_size is None else vocab_size, grad_hidden_reduction == "sum")
+                              parallel if hard_weight != 0 else "", fp32_logits, return_entropy, group.group_name,
+                              -1 if vocab_size is None else vocab_size, grad_hidden_reduction == "sum", global_vocab)
 
 
 def fused_linear_sparse_kd_loss(
@@ -420,6 +419,7 @@ def fused_linear_sparse_kd_loss(
     global, and each rank gathers the student logits of the ids in its slice: one (k, N) all-reduce
     per step ("tail": + 4 values per token). ``validate`` then checks ids against ``vocab_size``
     only when it is given (no rank knows the whole vocabulary on the host)."""
+    global_rows = distributed.global_rows(student_weight)
     sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
         dict(student_weight=student_weight, student_bias=student_bias),
         dict(student_hidden=student_hidden, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
@@ -452,7 +452,7 @@ def fused_linear_sparse_kd_loss(
     else:
         options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
                                           missing_mass, ignore_index, hard_weight, backend, device, dtypes,
-                                          fp32_logits, return_entropy)
+                                          fp32_logits, return_entropy, global_rows)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
     result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,

@@ -52,10 +52,12 @@ class FusedLinearOptions:
     fp32_logits: bool = False  # fp16/bf16 logit blocks kept in fp32 (kernels/fused_linear/block_logits.py)
     with_entropy: bool = False  # also the student's per-row entropy at temperature T
     # Vocab-parallel (kernels/fused_linear/vocab_parallel.py): the group's name ("" for none), the real
-    # vocabulary size for padded weights (-1: no padding), and whether grad_hidden is summed over the group.
+    # vocabulary size for padded weights (-1: no padding), whether grad_hidden is summed over the group,
+    # and the whole vocabulary's size as every rank knows it (-1: unknown), which sizes the token blocks.
     group_name: str = ""
     vocab_limit: int = -1
     sum_grad_hidden: bool = True
+    global_vocab: int = -1
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fastkd
 from conftest import TOLERANCE
 from fastkd.kernels import registry
-from fastkd.kernels.fused_linear import driver
+from fastkd.kernels.fused_linear import driver, vocab_parallel
 from reference import reduce, rel_err, row_losses
 from reference import sparse_rows as reference_sparse_rows
 from test_vocab_parallel import _dkd_rows, _finite_or_zero, _transformed
@@ -55,9 +55,10 @@ def _inputs(vocab, dtype, seed, real_vocab=None):
 
 
 def reference(tensors, options, grad_output, dtype=torch.float64):
-    """(loss, (∂/∂student_hidden, ∂/∂student_weight, ∂/∂student_bias)) of Σ loss·grad_output from
-    the formulas: logits = h·Wᵀ + b over the first vocab_size rows, the divergence of the
-    transformed logits at T, CE of the raw student logits."""
+    """(loss, (∂/∂student_hidden, ∂/∂student_weight, ∂/∂student_bias), entropy) of Σ loss·grad_output
+    from the formulas: logits = h·Wᵀ + b over the first vocab_size rows, the divergence of the
+    transformed logits at T, CE of the raw student logits; the student's entropy
+    −Σ q log q of its transformed logits at T per row (0 on ignored rows)."""
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels = tensors
     leaves = [x.detach().to(dtype).requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
     vocab = options.get("vocab_size") or student_weight.shape[0]
@@ -84,13 +85,15 @@ def reference(tensors, options, grad_output, dtype=torch.float64):
     loss = reduce(rows.reshape(labels.shape), labels, -100, options.get("reduction", "mean"),
                   options.get("normalizer"))
     grads = torch.autograd.grad(loss, leaves, grad_output.to(dtype), allow_unused=True)
-    return loss.detach(), grads
+    log_q = torch.log_softmax(s.detach() / temperature, -1)
+    entropy = -(log_q.exp() * log_q).sum(-1).reshape(labels.shape)
+    return loss.detach(), grads, torch.where(labels != -100, entropy, 0.0)
 
 
 def _cases(vocab):
     """(options, dtype): every divergence with biases and the hard term, with padding (the last
     rank's final rows) in bf16 and fp32, with the logit transforms and a normalizer, and
-    standardised; each reduction."""
+    standardised, without and with padding; each reduction."""
     cases = []
     for divergence, extra in DIVERGENCES:
         base = dict(divergence=divergence, **extra)
@@ -102,6 +105,8 @@ def _cases(vocab):
             (dict(base, normalizer=torch.tensor(7.0), student_softcap=30.0, teacher_logit_scale=0.5,
                   soft_weight=0.8), torch.float32),
             (dict(base, standardize=True, temperature=3.0), torch.float64),
+            # The row mean and std over the real columns only.
+            (dict(base, standardize=True, vocab_size=vocab - 5, hard_weight=0.5, reduction="none"), torch.float64),
         ]
     return cases
 
@@ -128,6 +133,10 @@ def _call(tensors, options, split=None, rank=None, **extra):
     return loss, leaves
 
 
+def _entropy_budget(dtype, one_process, ref):
+    return max(TOLERANCE[dtype], 2 * rel_err(one_process, ref))
+
+
 def _check_case(options, dtype, split, rank, group, seed, backend):
     vocab = sum(split)
     tensors = _inputs(vocab, dtype, seed, options.get("vocab_size"))
@@ -135,16 +144,21 @@ def _check_case(options, dtype, split, rank, group, seed, backend):
     generator = torch.Generator().manual_seed(seed + 1)
     grad_output = torch.rand(N_SHAPE, generator=generator) + 0.5 if reduction == "none" else torch.tensor(1.0)
 
-    one_process, full = _call(tensors, options)
-    one_process.backward(grad_output.to(one_process.dtype))
-    ref_loss, ref_grads = reference(tensors, options, grad_output)
-    loss, local = _call(tensors, options, split, rank, process_group=group, backend=backend)
-    loss.backward(grad_output.to(loss.dtype))
+    # Every case also asks for the student's entropy (one more statistic in the soft term's exchange).
+    one_process, full = _call(tensors, options, return_entropy=True)
+    one_process.loss.backward(grad_output.to(one_process.loss.dtype))
+    ref_loss, ref_grads, ref_entropy = reference(tensors, options, grad_output)
+    parts, local = _call(tensors, options, split, rank, process_group=group, backend=backend, return_entropy=True)
+    parts.loss.backward(grad_output.to(parts.loss.dtype))
     # The budget: the dtype's tolerance, or where larger 2× one process's error or 10× eager fp32
     # PyTorch's (peaked ±100 rows at small T cancel in any fp32 softmax gradient: tests/reference.py).
-    eager_loss, eager_grads = reference(tensors, options, grad_output, torch.float32)
+    eager_loss, eager_grads, _ = reference(tensors, options, grad_output, torch.float32)
 
     where = f"rank {rank}, {options}, {dtype}"
+    assert torch.all(parts.entropy[tensors[-1] == -100] == 0), where
+    budget = _entropy_budget(dtype, one_process.entropy, ref_entropy)
+    assert rel_err(parts.entropy, ref_entropy) <= budget, (where, rel_err(parts.entropy, ref_entropy))
+    loss, one_process = parts.loss, one_process.loss
     assert loss.dtype == one_process.dtype and loss.shape == one_process.shape, where
     assert torch.isfinite(loss).all(), where
     loss_budget = max(TOLERANCE[torch.float32], 2 * rel_err(one_process, ref_loss),
@@ -281,14 +295,16 @@ def _check_sparse(rank, group, split):
         def run(weight, bias, **extra):
             leaves = [x if x is None else x.detach().clone().requires_grad_(True) for x in (student_hidden, weight,
                                                                                              bias)]
-            loss = fastkd.fused_linear_sparse_kd_loss(leaves[0], leaves[1], indices, logprobs, labels,
-                                                      student_bias=leaves[2], **kwargs, **extra)
-            loss.backward(grad_output.to(loss.dtype))
-            return loss, leaves
+            parts = fastkd.fused_linear_sparse_kd_loss(leaves[0], leaves[1], indices, logprobs, labels,
+                                                       student_bias=leaves[2], return_entropy=True, **kwargs, **extra)
+            parts.loss.backward(grad_output.to(parts.loss.dtype))
+            return parts, leaves
 
         one_process, full = run(student_weight, bias)
         loss, local = run(_slice(student_weight, split, rank), None if bias is None else _slice(bias, split, rank),
                           process_group=group)
+        entropy, one_entropy = loss.entropy, one_process.entropy
+        loss, one_process = loss.loss, one_process.loss
         # The definition in float64 on the materialised logits.
         leaves = [x.detach().double().requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
         logits = leaves[0] @ leaves[1][:real].T + (leaves[2][:real] if bias is not None else 0)
@@ -300,6 +316,10 @@ def _check_sparse(rank, group, split):
         ref_loss = reduce(rows.reshape(N_SHAPE), labels, -100, reduction, None)
         ref_grads = torch.autograd.grad(ref_loss, leaves, grad_output.double(), allow_unused=True)
         where = f"rank {rank}, sparse {options}, {dtype}"
+        log_q = torch.log_softmax(flat.detach() / options.get("temperature", 1.0), -1)
+        ref_entropy = torch.where(labels != -100, -(log_q.exp() * log_q).sum(-1).reshape(N_SHAPE), 0.0)
+        budget = _entropy_budget(dtype, one_entropy, ref_entropy)
+        assert rel_err(entropy, ref_entropy) <= budget, (where, rel_err(entropy, ref_entropy))
         budget = max(TOLERANCE[torch.float32], 2 * rel_err(one_process, ref_loss))
         assert rel_err(loss, ref_loss) <= budget and rel_err(loss, one_process) <= 2 * budget, where
         for name, mine, one, ref, sliced in zip(("grad_hidden", "grad_weight", "grad_bias"), local, full, ref_grads,
@@ -325,10 +345,6 @@ def _check_errors(rank, group, split):
         fastkd.fused_linear_kd_loss(*local, process_group=group, grad_hidden_reduction="mean")
     with pytest.raises(ValueError, match="grad_hidden_reduction='none' needs a process_group"):
         fastkd.fused_linear_kd_loss(*local, grad_hidden_reduction="none")
-    with pytest.raises(NotImplementedError, match="return_entropy with process_group"):
-        fastkd.fused_linear_kd_loss(*local, process_group=group, return_entropy=True)
-    with pytest.raises(NotImplementedError, match="standardize with vocab_size and process_group"):
-        fastkd.fused_linear_kd_loss(*local, process_group=group, standardize=True, vocab_size=10)
     with pytest.raises(ValueError, match="divergence='dkd' needs labels"):
         fastkd.fused_linear_kd_loss(*local[:4], divergence="dkd", process_group=group)
     with pytest.raises(ValueError, match="grad_hidden_reduction must be 'sum' or 'none'"):
@@ -412,7 +428,7 @@ def _bytes_per_step(rank, group, vocab, n_rows, options):
         else:
             loss = fastkd.fused_linear_sparse_kd_loss(student_hidden, local_weight, indices, logprobs, labels,
                                                       process_group=group, **options)
-        loss.backward()
+        getattr(loss, "loss", loss).backward()
     finally:
         dist.all_reduce = real_all_reduce
     return sum(sent)
@@ -435,7 +451,10 @@ def _check_bytes(rank, group):
                                  ({"divergence": "forward_kl", "hard_weight": 0.5}, 6 + 3 + HS),
                                  ({"divergence": "jsd", "hard_weight": 0.5, "grad_hidden_reduction": "none"}, 6 + 3),
                                  # top-k: the support's k student logits (+ 4 for the tail bucket)
-                                 ({"top_k": 5}, 5 + HS), ({"top_k": 5, "missing_mass": "tail"}, 5 + 4 + HS)):
+                                 ({"top_k": 5}, 5 + HS), ({"top_k": 5, "missing_mass": "tail"}, 5 + 4 + HS),
+                                 # the entropy: 1 more with a dense teacher, 1 + 2 with a top-k one
+                                 ({"divergence": "forward_kl", "return_entropy": True}, 6 + 1 + HS),
+                                 ({"top_k": 5, "return_entropy": True}, 5 + 3 + HS)):
             counts = {(vocab, n): _bytes_per_step(rank, group, vocab, n, options)
                       for vocab in (301, 4816) for n in (8, 40)}
             # Independent of V (16× the vocabulary, the same bytes) ...
@@ -453,7 +472,10 @@ def _check_bytes(rank, group):
 # ---------------------------------------------------------------------------------------------
 
 
-PAIR_SPLIT, TRIPLE_SPLIT = (100, 103), (70, 67, 66)
+# 64 and 65 rows: slices that size their token blocks differently when each rank rounds its own
+# width up to a power of two (64 and 128), which mismatched the ranks' collectives before blocks
+# were sized from what every rank knows alike.
+PAIR_SPLIT, TRIPLE_SPLIT = (64, 65), (70, 67, 66)
 
 
 def _group_main(rank, world_size, store_path, backend):
@@ -466,8 +488,9 @@ def _group_main(rank, world_size, store_path, backend):
         triple = dist.group.WORLD
         pair = dist.new_group([0, 1])  # every rank takes part in creating it
         _check_bytes(rank, triple)  # one block per call: before the block budget shrinks below
-        # Blocks of 2 rows (the slices round up to 128 columns), so each call exchanges per block.
+        # Blocks of 2 rows without vocab_size (4 with it), so each call exchanges per block.
         driver.BLOCK_ELEMENTS["cpu"] = 256
+        vocab_parallel.ASSUMED_SLICE_COLUMNS = 128
         if rank < 2:
             _check_group(rank, pair, PAIR_SPLIT, backend)
             _check_partial_grad_hidden(rank, pair, PAIR_SPLIT)

@@ -118,7 +118,8 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         # Vocab-parallel: this rank's weight rows are a slice of the vocabulary; one Exchange serves
         # both terms, all-reducing per-row statistics per block (vocab_parallel.py).
         parallel = registry.implementation("fused_linear_vocab_parallel", options.soft_backend, device_type)
-        exchange = parallel.Exchange(options.group_name, vocab, student_hidden.device, options.vocab_limit)
+        exchange = parallel.Exchange(options.group_name, vocab, student_hidden.device, options.vocab_limit,
+                                     options.global_vocab, options.with_entropy)
         soft_kernels, ce = exchange, exchange if options.with_hard else None
     else:
         soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
@@ -135,7 +136,8 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
     soft_rows = hard_rows = entropy = None
 
-    rows = block_rows(n_rows, vocab if exchange is None else exchange.block_vocab, student_hidden.device)
+    # Vocab-parallel ranks size their blocks alike (vocab_parallel.py), or their collectives would differ.
+    rows = block_rows(n_rows, vocab if exchange is None else exchange.block_columns(), student_hidden.device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         hidden = student_hidden[start:stop]
@@ -150,7 +152,8 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
             entropy = soft.new_empty(n_rows) if options.with_entropy else None
         soft_rows[start:stop] = soft
         if entropy is not None:
-            entropy[start:stop] = entropy_rows(student_logits, block_labels, options)
+            entropy[start:stop] = (entropy_rows(student_logits, block_labels, options) if exchange is None
+                                   else exchange.entropy_rows(student_logits, block_labels, options))
         if ce is not None:
             model_logits = _model_logits(student_logits, options.spec)
             hard, ce_stats = ce.ce_rows_forward(model_logits, block_labels, ignore_index)

@@ -14,6 +14,10 @@ dtype unless said:
                     "tail": both maxima, both shifted sums              (2, C) MAX, (2, C) SUM
     hard term       the student's row max at T = 1                      (1, C) MAX
                     Σ exp(x − max) and the label's logit (its owner's)  (2, C) SUM
+    entropy         dense teacher: −Σ q log q, one more row in the      (1, C) SUM
+                    soft term's last SUM (return_entropy)
+                    top-k teacher: the student's row max at T;          (1, C) MAX,
+                    Σ e^a and Σ e^a·a                                   (2, C) SUM
     grad_hidden     the partial products Σ_r grad_logits_r @ W_r        (N, Hs) SUM, hidden dtype
                     (grad_hidden_reduction="sum"; "none" leaves it partial)
 
@@ -22,16 +26,19 @@ torch.compile, which traces the op as one call), as eager ``torch.distributed`` 
 
 Block rows. Every rank must run the same token blocks (the same collectives, of the same sizes,
 in the same order), yet no rank knows the others' slice sizes on the host (learning them would be
-a host synchronisation). So the rows of a block come from this rank's V_r rounded up to a power of
-two (``block_vocab``): equal on all ranks when their slices round up alike, which holds for equal
-slices and for splits that differ by one column (V // world and V // world + 1) unless the
-smaller is a power of two. Ranks whose slices round differently would mismatch their collectives:
-documented as a requirement of ``process_group`` (fastkd.fused_linear_kd_loss).
+a host synchronisation). So the rows of a block come only from what every rank knows alike
+(``Exchange.block_columns``): N, the group size and, when given, the whole vocabulary's size
+(``vocab_size``, or a DTensor head's global rows): rows = budget // ⌈V / world⌉; without it, the
+budget // ASSUMED_SLICE_COLUMNS (65,536). A group of one sizes from its own slice. Slices of any
+sizes (64 and 65 rows, 1001 over 3) then run the same blocks; the workspace per rank stays
+independent of N (rows × V_r, the budget when V_r ≈ V / world).
 
 Padding (``vocab_size`` below the sum of the slices): the columns at or past vocab_size (on the
 last rank, or ranks) are set to −inf in every block's logits, both sides: zero probability, zero
 gradient, as if those weight rows were sliced off as one device does, without the host knowing
-any rank's offset (that would need a host synchronisation).
+any rank's offset (that would need a host synchronisation). With ``standardize`` the row mean and std
+are taken over the real columns only: the padding is left out of the sums, and the count is
+min(V, vocab_size), from the slice sizes already exchanged.
 """
 
 import math
@@ -40,9 +47,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from ... import distributed, divergences
+from ... import distributed, divergences, logit_transforms
 from ..layout import compute_dtype, row_chunks
 from ..sparse.contract import TAIL_FLOOR
+
+
+# Token-block width when no rank knows the whole vocabulary's size on the host (no vocab_size, no
+# DTensor head): the block budget spread over this many columns. A slice this wide fills the
+# budget; a wider one makes proportionally larger blocks, still independent of N.
+ASSUMED_SLICE_COLUMNS = 1 << 16
 
 
 def resolve_group(group_name):
@@ -58,20 +71,28 @@ class Exchange:
     over the group.
 
     n_cols: V_r, this rank's columns; vocab_limit: the real vocabulary size (global columns at or
-    past it are padding), or −1 for none.
+    past it are padding), or −1 for none; global_vocab: the whole vocabulary's size as every rank
+    knows it alike (options.global_vocab), or −1; with_entropy: also the student's entropy per row.
     """
 
-    def __init__(self, group_name, n_cols, device, vocab_limit):
+    def __init__(self, group_name, n_cols, device, vocab_limit, global_vocab=-1, with_entropy=False):
         self.group = resolve_group(group_name)
-        self.layout = distributed.Layout(n_cols, device, self.group)
+        self.layout = distributed.Layout(n_cols, device, self.group, vocab_limit)
         self.n_cols = n_cols
-        # The width the token blocks are sized for: V_r rounded up to a power of two (docstring).
-        self.block_vocab = 1 << max(n_cols - 1, 0).bit_length()
-        self.padding = None
-        self.limit = self.layout.total
-        if vocab_limit >= 0:
-            self.padding = self.layout.offset + torch.arange(n_cols, device=device) >= vocab_limit  # (V_r,)
-            self.limit = torch.clamp(self.layout.total, max=vocab_limit)
+        self.padding = self.layout.padding
+        self.limit = self.layout.columns
+        self.global_vocab = global_vocab
+        self.with_entropy = with_entropy
+        self._entropy = None  # the last kd_rows_forward's entropy, until entropy_rows takes it
+
+    def block_columns(self):
+        """The width the token blocks are sized for, the same on every rank (module docstring)."""
+        world = dist.get_world_size(self.group)
+        if world == 1:
+            return self.n_cols
+        if self.global_vocab > 0:
+            return -(-self.global_vocab // world)
+        return ASSUMED_SLICE_COLUMNS
 
     def mask_padding(self, logits):
         """−inf in place on the padding columns of a (C, V_r) block; idempotent."""
@@ -84,7 +105,46 @@ class Exchange:
         later reader of the block sees it masked). Returns ((C,) losses, a distributed.RowState)."""
         self.mask_padding(student)
         self.mask_padding(teacher)
-        return distributed.rows_forward(student, teacher, labels, spec, ignore_index, self.group, self.layout)
+        loss, state = distributed.rows_forward(student, teacher, labels, spec, ignore_index, self.group, self.layout,
+                                               self.with_entropy)
+        self._entropy = state.entropy
+        return loss, state
+
+    def entropy_rows(self, student_logits, labels, options):
+        """The student's entropy over the whole vocabulary per row of a (C, V_r) block, at T after
+        its transforms (as entropy.py on one device); 0 on ignored rows. A dense teacher's
+        kd_rows_forward computed it on this block already (one more row in its last SUM); a top-k
+        teacher's exchanges its own: the row max (1, C) MAX, then Σ e^a and Σ e^a·a (a = z − max)
+        (2, C) SUM, H = log Σ e^a − Σ e^a·a / Σ e^a (both terms ≥ 0)."""
+        entropy, self._entropy = self._entropy, None
+        if entropy is None:
+            entropy = self._exchanged_entropy(student_logits, options.spec)
+        if labels is not None:
+            entropy = torch.where(labels != options.ignore_index, entropy, 0.0)
+        return entropy
+
+    def _exchanged_entropy(self, logits, spec):
+        self.mask_padding(logits)
+        n_rows = logits.shape[0]
+        dtype = compute_dtype(logits)
+
+        def scaled(start, stop):
+            x = logits[start:stop].to(dtype)
+            return logit_transforms.scale_and_cap(x, spec.student_scale, spec.student_softcap) * spec.inv_temperature
+
+        row_max = torch.empty(1, n_rows, dtype=dtype, device=logits.device)
+        for start, stop in self._chunks(n_rows):
+            row_max[0, start:stop] = scaled(start, stop).amax(-1)
+        distributed.all_reduce(row_max, dist.ReduceOp.MAX, self.group)
+        sums = torch.empty(2, n_rows, dtype=dtype, device=logits.device)
+        for start, stop in self._chunks(n_rows):
+            shifted = scaled(start, stop) - row_max[0, start:stop, None]
+            exps = shifted.exp()
+            sums[0, start:stop] = exps.sum(-1)
+            # e^a·a is 0·(−inf) = NaN on masked columns: they hold no probability.
+            sums[1, start:stop] = torch.where(exps > 0, exps * shifted, 0.0).sum(-1)
+        distributed.all_reduce(sums, dist.ReduceOp.SUM, self.group)
+        return sums[0].log() - sums[1] / sums[0]
 
     def kd_rows_backward(self, grad_loss, student, teacher, labels, state, spec, ignore_index):
         """∂(Σ grad_loss·loss)/∂student: (C, V_r) in the student block's dtype."""
