@@ -90,10 +90,9 @@ def counted(case, tp):
     # grad_hidden: the same (N, Hs) all-reduce in every method (a column-parallel backward).
     grad_hidden = case.Hs * element
     # fastkd's workspace: three (C, V_r) logit blocks in fp32 (fp32_logits, the CUDA default),
-    # C = 2^28 // V_r rounded up to a power of two, capped at N; plus the chunk temporaries of the
-    # statistics (about a dozen of 2^20 fp32 elements: 48 MiB) and (k, N) statistics.
-    block_vocab = 1 << (vocab_r - 1).bit_length()
-    rows = min(case.N, driver.BLOCK_ELEMENTS["cuda"] // block_vocab)
+    # C = 2^28 // ⌈V / TP⌉ (vocab_size= given: every rank sizes its blocks alike), capped at N; plus the
+    # chunk temporaries of the statistics (about a dozen of 2^20 fp32 elements: 48 MiB) and (k, N) statistics.
+    rows = min(case.N, driver.BLOCK_ELEMENTS["cuda"] // -(-case.V // tp))
     fastkd_workspace = 3 * rows * vocab_r * 4 + 12 * (1 << 20) * 4 + 16 * case.N * 4
     # megatron_kl: both (N, V_r) logits in the dtype, fp32 copies scaled by 1/T, exp temporaries,
     # the saved fp32 softmaxes p and q, and the gradient of the student logits: at the peak
@@ -211,7 +210,7 @@ def _worker(rank, tp, store, case, device_type, out_path):
         student_hidden, student_weight, teacher_hidden, teacher_weight = _inputs(case, rank, tp, device)
         providers = {
             "fastkd": lambda h, w: fastkd.fused_linear_kd_loss(h, w, teacher_hidden, teacher_weight, temperature=2.0,
-                                                               process_group=group),
+                                                               vocab_size=case.V, process_group=group),
             "megatron": lambda h, w: megatron_kl(h, w, teacher_hidden, teacher_weight, 2.0, group),
         }
         values, results = {}, {}

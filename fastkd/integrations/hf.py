@@ -168,8 +168,10 @@ def hidden_states_loss(
     ((…, Hs), (…, Ht), (…); no shift here), the models supplying lm_heads and logit transforms.
 
     ``process_group``: split the vocabulary over this group, whose ranks hold the same batch and
-    models (tensor parallelism): each forms only its slice of the logits and the ranks exchange
-    per-row statistics (fastkd/integrations/vocab_parallel.py; no hard term, no sparse teacher)."""
+    models (tensor parallelism): each rank runs the fused vocab-parallel loss on its slice of the
+    lm_head rows, never forming its logit slice, and the ranks exchange per-row statistics
+    (fastkd/integrations/vocab_parallel.py); the hard term and a top-k teacher work as without a
+    group (the top-k is taken over the whole teacher head on every rank)."""
     student_transform, teacher_transform = _check_models(student, teacher, dict(
         loss_options, hard_weight=hard_weight, teacher_top_k=teacher_top_k, process_group=process_group))
     gather = process_group is None
@@ -181,29 +183,34 @@ def hidden_states_loss(
     if isinstance(normalizer, Tensor):
         normalizer = normalizer.to(student_hidden.device)
     teacher_hidden = teacher_hidden.detach()
+    top = None
+    if teacher_top_k is not None:
+        # The teacher's logits are scale · x: its log-probabilities are the top-k of x at temperature
+        # 1 / scale, and they are its distribution at T = 1 (the loss's teacher_temperature). With a
+        # process group every rank takes them from the whole head (a Shard(0) one gathered once).
+        top = fused_linear_topk(teacher_hidden, _full(teacher_weight).detach(), teacher_top_k,
+                                temperature=1.0 / teacher_transform.scale, bias=_detached(_full(teacher_bias)),
+                                vocab_size=vocab_size, labels=labels,
+                                ignore_index=loss_options.get("ignore_index", -100),
+                                backend=loss_options.get("backend", "auto"))
     if process_group is not None:
         from .vocab_parallel import vocab_parallel_loss
 
         return vocab_parallel_loss(student_hidden, (student_weight, student_bias), teacher_hidden,
                                    (teacher_weight, teacher_bias), labels, (student_transform, teacher_transform),
                                    process_group, vocab_size=vocab_size or student_weight.shape[0],
-                                   temperature=temperature, reduction=reduction, normalizer=normalizer,
-                                   hard_weight=hard_weight, **loss_options)
+                                   teacher_top=None if top is None else (top.indices, top.logprobs),
+                                   missing_mass=missing_mass, temperature=temperature, reduction=reduction,
+                                   normalizer=normalizer, hard_weight=hard_weight, **loss_options)
     common = dict(hard_weight=hard_weight, temperature=temperature, reduction=reduction, normalizer=normalizer,
                   vocab_size=vocab_size, return_components=True)
-    if teacher_top_k is None:
+    if top is None:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight.detach(), labels,
                                     student_bias=student_bias, teacher_bias=_detached(teacher_bias),
                                     student_logit_scale=student_transform.scale,
                                     student_softcap=student_transform.softcap,
                                     teacher_logit_scale=teacher_transform.scale,
                                     teacher_softcap=teacher_transform.softcap, **common, **loss_options)
-    # The teacher's logits are scale · x: its log-probabilities are the top-k of x at temperature
-    # 1 / scale, and they are its distribution at T = 1 (the loss's teacher_temperature).
-    top = fused_linear_topk(teacher_hidden, teacher_weight.detach(), teacher_top_k,
-                            temperature=1.0 / teacher_transform.scale, bias=_detached(teacher_bias),
-                            vocab_size=vocab_size, labels=labels, ignore_index=loss_options.get("ignore_index", -100),
-                            backend=loss_options.get("backend", "auto"))
     return fused_linear_sparse_kd_loss(student_hidden, student_weight, top.indices, top.logprobs, labels,
                                        student_bias=student_bias, missing_mass=missing_mass, **common,
                                        **loss_options)
@@ -218,8 +225,6 @@ def _check_models(student, teacher, options):
         lm_head_of(model, gather=False)
     student_transform, teacher_transform = logit_transform_of(student.config), logit_transform_of(teacher.config)
     if options.get("teacher_top_k") is not None:
-        if options.get("process_group") is not None:
-            raise ValueError("teacher_top_k and process_group cannot be combined (no vocab-parallel sparse teacher)")
         divergence = options.get("divergence", "forward_kl")
         if divergence not in ("forward_kl", "reverse_kl"):
             raise ValueError(f"teacher_top_k (a sparse teacher) takes divergence 'forward_kl' or 'reverse_kl'; "
