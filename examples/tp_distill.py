@@ -68,8 +68,12 @@ def main():
     fused_options = dict(options, hard_weight=0.5)
     hidden = student_hidden.clone().requires_grad_(True)
     fused_shard = student_head[rows].clone().requires_grad_(True)
-    fused_tp = fastkd.fused_linear_kd_loss(hidden, fused_shard, teacher_hidden, teacher_head[rows], labels,
-                                           process_group=dist.group.WORLD, **fused_options)
+    # vocab_size (the whole vocabulary, known alike on every rank) sizes the token blocks for the
+    # memory budget; return_entropy gives the student's entropy over the whole vocabulary.
+    fused_parts = fastkd.fused_linear_kd_loss(hidden, fused_shard, teacher_hidden, teacher_head[rows], labels,
+                                              process_group=dist.group.WORLD, vocab_size=args.vocab,
+                                              return_entropy=True, **fused_options)
+    fused_tp = fused_parts.loss
     fused_tp.backward()
     full_hidden, fused_full = student_hidden.clone().requires_grad_(True), student_head.clone().requires_grad_(True)
     fused_one = fastkd.fused_linear_kd_loss(full_hidden, fused_full, teacher_hidden, teacher_head, labels,
@@ -82,7 +86,8 @@ def main():
             f"TP loss {tp_loss.item():.9f}  one-process loss {one_loss.item():.9f}  "
             f"grad of this lm_head shard vs its rows of the one-process grad: rel. error {grad_error.item():.1e}\n"
             f"    fused (+ hard CE): TP loss {fused_tp.item():.9f}  one-process loss {fused_one.item():.9f}  "
-            f"grads (lm_head rows, hidden) rel. error {fused_error.item():.1e}")
+            f"grads (lm_head rows, hidden) rel. error {fused_error.item():.1e}, "
+            f"mean student entropy {fused_parts.entropy[labels != -100].mean().item():.4f}")
     for turn in range(world):  # print in rank order
         if turn == rank:
             print(line, flush=True)
