@@ -223,7 +223,8 @@ def sparse_kd_loss(
                               teacher_logprobs.reshape(-1, top_k), flat_labels, options)
     if temperature_squared:
         row_loss = row_loss * (spec.temperature ** 2)
-    return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+    counted = rows_with_teacher(flat_labels, teacher_logprobs.reshape(-1, top_k) != -math.inf, ignore_index)
+    return reduce_rows(row_loss, leading_shape, reduction, normalizer, counted, ignore_index)
 
 
 def fused_linear_kd_loss(
@@ -373,6 +374,8 @@ def fused_linear_sparse_kd_loss(
     student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
+    if hard_weight == 0:  # rows without teacher entries leave the mean (with a hard term their CE counts)
+        labels = rows_with_teacher(labels, teacher_logprobs != -math.inf, ignore_index)
     return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
                          hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
 
@@ -497,6 +500,16 @@ def _teacher_at_generation(logprobs, teacher_temperature, like):
     if teacher_temperature == 1.0:
         return logprobs
     return logprobs.to(compute_dtype(like, logprobs)) * float(teacher_temperature)
+
+
+def rows_with_teacher(labels, present, ignore_index):
+    """The labels a reduction counts rows with: ``labels`` (or all rows counted, for None) with
+    ``ignore_index`` where a row has no present teacher entry (present: (…, k) bool), so such a
+    row leaves the mean like an ignored one. No host synchronisation."""
+    has_teacher = present.any(-1)
+    if labels is None:
+        return torch.where(has_teacher, 0, ignore_index)
+    return labels.masked_fill(~has_teacher.reshape(labels.shape), ignore_index)
 
 
 def _sparse_teacher(indices, logprobs, mask, pad_id, leading_shape, vocab, student, validate, teacher_temperature):

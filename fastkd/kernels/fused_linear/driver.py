@@ -2,7 +2,8 @@
 
 Tokens are processed in blocks of C rows. For each block the student logits (C, V) are formed
 with one matmul (tensor cores on a GPU); the teacher of the block (dense: its own matmul and the
-kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels) gives the divergence
+kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels; sampled: ids
+and weights and the sampled_kd kernels) gives the divergence
 rows and, when gradients are wanted, ∂/∂(student logits); the optional hard-label cross-entropy
 (the ce kernels) adds its rows and gradient; the gradient block is at once contracted into
 grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is ever allocated:
@@ -58,6 +59,20 @@ class SparseTeacher:
     def block(self, kernels, options, start, stop, student_logits, labels, scale):
         return kernels.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop], labels,
                                   options.spec, options.missing_mass, options.ignore_index, scale)
+
+
+class SampledTeacher:
+    """Sampled teacher: token ids (N, K) drawn from it and their weights (N, K)."""
+
+    family = "sampled_kd"
+
+    def __init__(self, ids, weights):
+        self.ids, self.weights = ids, weights
+        self.row_dtype_source = weights
+
+    def block(self, kernels, options, start, stop, student_logits, labels, scale):
+        return kernels.block_loss(student_logits, self.ids[start:stop], self.weights[start:stop], labels,
+                                  options.spec, options.sample_count, options.ignore_index, scale)
 
 
 def block_rows(n_rows, vocab, device):
