@@ -28,6 +28,7 @@ this is the bucket gradient itself, and every i outside S shares the tail bucket
     forward_kl  q_i − P_t·q_i/Q_t            reverse_kl  q_i·(log(Q_t/P_t) − L)
     jsd         (1−β)·q_i·(log(Q_t/M_t) − aux),  aux = KL(Q‖M)
     tvd         q_i·(½·sign(Q_t − P_t) − aux),   aux = ½·Σ_b sign(Q_b − P_b)·Q_b
+                (½·sign − aux summed over the buckets of the other sign, where no 1 − 1 cancels)
 
 Temperature divides the student logits and the teacher input. That input is the teacher's logits
 on the support up to a per-row constant: log-probs stored at T_g = 1, or T_g·log p_g (the public
@@ -67,6 +68,17 @@ def _log_mass_outside(s, index, present, row_max, log_sum):
     return ((rest - shift[:, None]).exp().sum(-1).log() + (shift - row_max)) - log_sum, rest
 
 
+def _tvd_factors(lq, lp):
+    """½·sign(Q_b − P_b) − aux per bucket (R, B), aux = ½·Σ sign·Q, written as sums over the
+    buckets of the other sign (Σ Q = 1): a student sure of one token has ½ − aux ≈ 0, which the
+    difference would leave as fp32 rounding of 1."""
+    sign = torch.sign(lq - lp).nan_to_num_(0.0)  # both -inf: an empty bucket, sign 0
+    q = lq.exp()
+    q_pos, q_neg, q_zero = ((q * (sign == v)).sum(-1, keepdim=True) for v in (1.0, -1.0, 0.0))
+    return torch.where(sign > 0, q_neg + 0.5 * q_zero, torch.where(sign < 0, -(q_pos + 0.5 * q_zero),
+                                                                   0.5 * (q_neg - q_pos)))
+
+
 def _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux):
     """∂L/∂s_i for every i, as if i were in the tail bucket (the support's entries are replaced
     by the caller): q_i times the tail bucket's factor. (R, V)."""
@@ -80,7 +92,7 @@ def _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux):
     if spec.name == "reverse_kl":
         factor = lq_t - lp_t - loss[:, None]
     elif spec.name == "tvd":
-        factor = 0.5 * torch.sign(lq_t - lp_t) - aux[:, None]
+        factor = _tvd_factors(lq, lp)[:, -1:]
     elif spec.name == "jsd":
         lm_t = torch.logaddexp(lp_t + spec.log_param, lq_t + spec.log1m_param)
         factor = (1 - spec.param) * (lq_t - lm_t - aux[:, None])
@@ -124,7 +136,10 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
     grad = None
     if scale is not None:
-        bucket_grad = divergences.grad_scaled_student(spec, lq, lp, aux)
+        if spec.name == "tvd":
+            bucket_grad = lq.exp() * _tvd_factors(lq, lp)
+        else:
+            bucket_grad = divergences.grad_scaled_student(spec, lq, lp, aux)
         if missing_mass == "renormalize":
             grad = torch.zeros_like(s)
         else:
