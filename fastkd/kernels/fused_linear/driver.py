@@ -2,10 +2,10 @@
 
 Tokens are processed in blocks of C rows. For each block the student logits (C, V) are formed
 with one matmul (tensor cores on a GPU); the teacher of the block (dense: its own matmul and the
-kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels; sampled: ids
-and weights and the sampled_kd kernels) gives the divergence
-rows and, when gradients are wanted, ∂/∂(student logits); the optional hard-label cross-entropy
-(the ce kernels) adds its rows and gradient; the gradient block is at once contracted into
+kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels; sampled: ids and
+weights and the sampled_kd kernels) gives the divergence rows and, when gradients are wanted,
+∂/∂(student logits); the optional hard-label cross-entropy (the ce kernels) adds its rows and
+gradient; the gradient block is at once contracted into
 grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is ever allocated:
 the workspace is three (C, V) blocks, C chosen from a fixed element budget.
 

@@ -21,8 +21,7 @@ import math
 import torch
 
 from ... import divergences
-from ..layout import compute_dtype, row_chunks
-from ..sparse.torch import support_of
+from ..layout import clamped_ids, compute_dtype, row_chunks
 
 # Elements of one (rows × V) temporary, as the other torch implementations.
 CHUNK_ELEMENTS = 1 << 20
@@ -40,7 +39,7 @@ def block_loss(student_logits, ids, weights, labels, spec, sample_count, ignore_
     vocab = s.shape[1]
     w = weights.to(dtype)
     present = w != 0
-    index, bad_row = support_of(ids, present, vocab)
+    index, bad_row = clamped_ids(ids, present, vocab)
     total = w.sum(-1)
     norm = total if sample_count <= 0 else torch.full_like(total, sample_count)
     has_samples = total != 0

@@ -41,7 +41,7 @@ import math
 import torch
 
 from ... import divergences
-from ..layout import compute_dtype, row_chunks
+from ..layout import clamped_ids, compute_dtype, row_chunks
 from .contract import TAIL_FLOOR
 
 # Elements of one (rows × V) temporary, as the logits families' torch implementation.
@@ -50,13 +50,6 @@ CHUNK_ELEMENTS = 1 << 20
 
 def _row_chunks(n_rows, n_cols):
     return row_chunks(n_rows, n_cols, CHUNK_ELEMENTS)
-
-
-def support_of(indices, present, vocab):
-    """Per row: int64 ids clamped into [0, V) (absent entries' ids are arbitrary: clamping keeps
-    every gather in bounds) and whether a present entry holds an id outside [0, V) (R,)."""
-    bad_row = (present & ((indices < 0) | (indices >= vocab))).any(-1)
-    return indices.long().clamp(0, max(vocab - 1, 0)), bad_row
 
 
 def _log_mass_outside(s, index, present, row_max, log_sum):
@@ -115,7 +108,7 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     present = teacher_log != -math.inf  # NaN log-probs stay present: they make their row NaN
     # Ids outside [0, V) make their row NaN (loss and gradient): checked here, on the device, so the
     # default path never synchronises; gathering at clamped ids keeps the kernels in bounds.
-    index, bad_row = support_of(indices, present, vocab)
+    index, bad_row = clamped_ids(indices, present, vocab)
     has_support = present.any(-1)
     s_support = s.gather(1, index).masked_fill_(~present, -math.inf)
     if missing_mass == "renormalize":
