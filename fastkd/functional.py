@@ -188,7 +188,7 @@ def sparse_kd_loss(
         pad_id: entries whose id equals it are absent (default -1, the PAD_ID of fastkd's top-k
             cache and ignored rows of fused_linear_topk); None: no padding id. Entries with a
             log-prob of -inf are absent too. A row with no present entry is an ignored row
-            (loss 0, gradient 0, still counted by reduction="mean" unless its label is ignored).
+            (loss 0, gradient 0, left out of the mean as a row whose label is ignore_index is).
         temperature: the training temperature T: divides the student logits, and the teacher is
             taken at T too.
         teacher_temperature: the temperature T_g the log-probs were computed at (log softmax(z/T_g):

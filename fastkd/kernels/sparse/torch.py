@@ -102,21 +102,25 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     logits' dtype, or None without ``scale``).
     """
     dtype = compute_dtype(student_logits, logprobs)
-    s = student_logits.to(dtype) * spec.inv_temperature
-    vocab = s.shape[1]
+    vocab = student_logits.shape[1]
     teacher_log = logprobs.to(dtype) * spec.inv_temperature
     present = teacher_log != -math.inf  # NaN log-probs stay present: they make their row NaN
     # Ids outside [0, V) make their row NaN (loss and gradient): checked here, on the device, so the
     # default path never synchronises; gathering at clamped ids keeps the kernels in bounds.
     index, bad_row = clamped_ids(indices, present, vocab)
     has_support = present.any(-1)
-    s_support = s.gather(1, index).masked_fill_(~present, -math.inf)
+    active = has_support if labels is None else has_support & (labels != ignore_index)
     if missing_mass == "renormalize":
+        # Only the k logits of the support are read: no (R, V) temporary but the gradient itself.
+        s_support = (student_logits.gather(1, index).to(dtype) * spec.inv_temperature).masked_fill_(~present,
+                                                                                                    -math.inf)
         # A row without entries would be all -inf (NaN softmax): it is dropped below, give it zeros.
         empty = ~has_support[:, None]
         lp = torch.log_softmax(teacher_log.masked_fill(empty, 0.0), -1)
         lq = torch.log_softmax(s_support.masked_fill(empty, 0.0), -1)
     else:
+        s = student_logits.to(dtype) * spec.inv_temperature
+        s_support = s.gather(1, index).masked_fill_(~present, -math.inf)
         row_max, log_sum = divergences.log_softmax_parts(s)
         log_q_tail, rest = _log_mass_outside(s, index, present, row_max, log_sum)
         floor = TAIL_FLOOR if spec.name == "reverse_kl" else 0.0
@@ -127,28 +131,25 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
         lp = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
         lq = torch.cat([(s_support - row_max[:, None]) - log_sum[:, None], log_q_tail[:, None]], 1)
     loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
-    grad = None
-    if scale is not None:
-        if spec.name == "tvd":
-            bucket_grad = lq.exp() * _tvd_factors(lq, lp)
-        else:
-            bucket_grad = divergences.grad_scaled_student(spec, lq, lp, aux)
-        if missing_mass == "renormalize":
-            grad = torch.zeros_like(s)
-        else:
-            grad = _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux)
-            grad.masked_fill_(rest == -math.inf, 0.0)
-            bucket_grad = bucket_grad[:, :-1]
-        # Absent entries add 0 wherever their (arbitrary) id points.
-        grad.scatter_add_(1, index, bucket_grad.masked_fill(~present, 0.0))
-    loss = torch.where(bad_row, math.nan, loss)
-    active = has_support if labels is None else has_support & (labels != ignore_index)
-    loss = torch.where(active, loss, 0.0)
-    if grad is not None:
-        grad = torch.where(bad_row[:, None], math.nan, grad)
-        grad = torch.where(active[:, None], grad, 0.0)
-        grad = (grad * (scale.to(dtype) * spec.inv_temperature)[:, None]).to(student_logits.dtype)
-    return loss, grad
+    loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
+    if scale is None:
+        return loss, None
+    if spec.name == "tvd":
+        bucket_grad = lq.exp() * _tvd_factors(lq, lp)
+    else:
+        bucket_grad = divergences.grad_scaled_student(spec, lq, lp, aux)
+    row_scale = (scale.to(dtype) * spec.inv_temperature)[:, None]
+    # Absent entries add 0 wherever their (arbitrary) id points; inactive rows add 0 (where, not a
+    # product: a NaN in an ignored row must not leak).
+    support_grad = torch.where(present & active[:, None], bucket_grad[:, :index.shape[1]] * row_scale, 0.0)
+    if missing_mass == "renormalize":
+        grad = torch.zeros_like(student_logits)
+        grad.scatter_add_(1, index, support_grad.to(student_logits.dtype))
+    else:
+        grad = _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux)
+        grad = torch.where((rest == -math.inf) | ~active[:, None], 0.0, grad.mul_(row_scale))
+        grad = grad.scatter_add_(1, index, support_grad).to(student_logits.dtype)
+    return loss, grad.masked_fill_((bad_row & active)[:, None], math.nan)
 
 
 def rows_forward(student, indices, logprobs, labels, spec, missing_mass, ignore_index):
