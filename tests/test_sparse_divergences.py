@@ -57,11 +57,12 @@ def _problem(n_rows, vocab, top_k, teacher_temperature, *, student_scale=4.0):
 
 
 def _support(indices, vocab, present=None):
+    """(R, V) bool: True at each row's present ids."""
+    present = torch.ones_like(indices, dtype=torch.bool) if present is None else present
+    rows = torch.arange(indices.shape[0], device=indices.device)[:, None].expand_as(indices)
     support = torch.zeros(indices.shape[0], vocab, dtype=torch.bool, device=indices.device)
-    src = torch.ones_like(indices, dtype=torch.bool) if present is None else present
-    return support.scatter_add_(1, indices.clamp(0, vocab - 1), src) if False else support.index_put_(
-        (torch.arange(indices.shape[0], device=indices.device)[:, None].expand_as(indices)[src], indices[src]),
-        torch.tensor(True, device=indices.device))
+    support[rows[present], indices[present]] = True
+    return support
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
@@ -257,3 +258,37 @@ def test_modules_take_the_new_options():
     assert torch.equal(module(student, indices, logprobs.float(), teacher_mask=mask),
                        fastkd.sparse_kd_loss(student, indices, logprobs.float(), divergence="jsd", beta=0.2,
                                              missing_mass="tail", pad_id=None, teacher_mask=mask, reduction="sum"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_renormalized_reads_only_the_support_logits(dtype, reduction):
+    # No hard term, renormalize: the fused loss forms the k logits per row as dot products
+    # (kernels/fused_linear/support.py). Against float64 on the materialised logits, with a bias.
+    N, H, vocab, K = 37, 24, 509, 13
+    _, indices, logprobs, _ = _problem(N, vocab, K, 1.0)
+    mask = torch.rand(N, K, device=DEVICE) < 0.9
+    hidden = torch.randn(N, H, device=DEVICE).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab + 3, H, device=DEVICE) * 0.4).to(dtype).requires_grad_(True)
+    bias = torch.randn(vocab + 3, device=DEVICE).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (N,), device=DEVICE)
+    labels[::5] = -100
+    grad_output = torch.rand(N, device=DEVICE) + 0.5 if reduction == "none" else torch.tensor(1.0, device=DEVICE)
+    loss = fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs.float(), labels, student_bias=bias,
+                                              vocab_size=vocab, teacher_mask=mask, divergence="jsd",
+                                              temperature=1.5, reduction=reduction)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_output)
+    refs = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    logits = refs[0] @ refs[1][:vocab].t() + refs[2][:vocab]
+    dense_teacher = torch.full((N, vocab), -math.inf, dtype=torch.float64, device=DEVICE)
+    rows = torch.arange(N, device=DEVICE)[:, None].expand(-1, K)
+    dense_teacher[rows[mask], indices[mask]] = logprobs.float().double()[mask]  # T_g = 1: the logits up to a constant
+    ref = dense_on_support(logits, dense_teacher, _support(indices, vocab, mask), 1.5, "renormalize", "jsd", None)
+    keep = labels != -100
+    ref = torch.where(keep, ref, 0.0)
+    ref = ref if reduction == "none" else ref.sum() / keep.sum()
+    ref_grads = torch.autograd.grad(ref, refs, grad_output.double())
+    tolerance = 2e-5 if dtype == torch.float32 else TOLERANCE[torch.bfloat16]
+    assert rel_err(loss, ref) < tolerance
+    assert all(rel_err(a, b) < tolerance for a, b in zip(grads, ref_grads))
+    assert grads[1].dtype == dtype and (grads[1][vocab:] == 0).all()

@@ -10,14 +10,16 @@ grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is 
 the workspace is three (C, V) blocks, C chosen from a fixed element budget.
 
 This is a driver, not a backend: the kernels of each family come from the registry, on the
-backends the public function chose (options.soft_backend, options.ce_backend).
+backends the public function chose (options.soft_backend, options.ce_backend). A top-k teacher
+renormalised over its support without a hard term takes the path of support.py instead: the
+loss reads k logits per row, formed as k dot products, never a (C, V) block.
 """
 
 import torch
 
 from .. import registry
 from ..layout import compute_dtype
-from . import block_logits
+from . import block_logits, support
 from .entropy import entropy_rows
 
 # Elements of one (C, V) logit block. GPU: 256M (512 MiB in bf16, three blocks live: 1.5 GiB),
@@ -106,6 +108,9 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     student_weight, student_bias = _in_dtype(student_weight, student_hidden.dtype), _in_dtype(
         student_bias, student_hidden.dtype)
     soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
+    if support.serves(teacher.family, options):  # the k logits per row the loss reads, no (C, V) blocks
+        return support.run(student_hidden, student_weight, student_bias, teacher.indices, teacher.logprobs, labels,
+                           options, soft_kernels, soft_scale, need, weight_dtype, bias_dtype)
     ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
     ignore_index = options.ignore_index
     want_grad = soft_scale is not None

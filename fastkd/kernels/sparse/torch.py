@@ -94,6 +94,46 @@ def _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux):
     return log_q.exp_().mul_(torch.where(has_tail, factor, 0.0))
 
 
+def _renormalized(s_support, teacher_log, present, has_support):
+    """Bucket log-probs (lp, lq) (R, k) of the renormalize mode."""
+    # A row without entries would be all -inf (NaN softmax): it is dropped later, give it zeros.
+    empty = ~has_support[:, None]
+    lp = torch.log_softmax(teacher_log.masked_fill(empty, 0.0), -1)
+    lq = torch.log_softmax(s_support.masked_fill(~present, -math.inf).masked_fill_(empty, 0.0), -1)
+    return lp, lq
+
+
+def _bucket_grad(spec, lq, lp, aux):
+    if spec.name == "tvd":
+        return lq.exp() * _tvd_factors(lq, lp)
+    return divergences.grad_scaled_student(spec, lq, lp, aux)
+
+
+def support_loss(support_logits, indices, logprobs, vocab, labels, spec, ignore_index, scale=None):
+    """The renormalize mode from the student's logits at the support only.
+
+    support_logits: (R, k) the student's logits at ``indices`` (R, k) (any values where an id is
+    outside [0, V)); logprobs: (R, k), -inf where absent; labels: (R,) or None.
+    Returns (loss (R,), ∂(Σ scale·loss)/∂support_logits (R, k) or None without ``scale``, both in
+    the compute dtype; 0 at absent entries and inactive rows, NaN in rows with a present id outside
+    [0, V)).
+    """
+    dtype = compute_dtype(support_logits, logprobs)
+    teacher_log = logprobs.to(dtype) * spec.inv_temperature
+    present = teacher_log != -math.inf
+    bad_row = (present & ((indices < 0) | (indices >= vocab))).any(-1)
+    has_support = present.any(-1)
+    active = has_support if labels is None else has_support & (labels != ignore_index)
+    lp, lq = _renormalized(support_logits.to(dtype) * spec.inv_temperature, teacher_log, present, has_support)
+    loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
+    loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
+    if scale is None:
+        return loss, None
+    grad = _bucket_grad(spec, lq, lp, aux) * (scale.to(dtype) * spec.inv_temperature)[:, None]
+    grad = torch.where(present & active[:, None], grad, 0.0)  # where, not a product: no NaN leaks
+    return loss, grad.masked_fill_((bad_row & active)[:, None], math.nan)
+
+
 def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index, scale=None):
     """student_logits: (R, V); indices: (R, k) int; logprobs: (R, k), -inf where absent; labels:
     (R,) or None.
@@ -108,47 +148,38 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     # Ids outside [0, V) make their row NaN (loss and gradient): checked here, on the device, so the
     # default path never synchronises; gathering at clamped ids keeps the kernels in bounds.
     index, bad_row = clamped_ids(indices, present, vocab)
-    has_support = present.any(-1)
-    active = has_support if labels is None else has_support & (labels != ignore_index)
     if missing_mass == "renormalize":
         # Only the k logits of the support are read: no (R, V) temporary but the gradient itself.
-        s_support = (student_logits.gather(1, index).to(dtype) * spec.inv_temperature).masked_fill_(~present,
-                                                                                                    -math.inf)
-        # A row without entries would be all -inf (NaN softmax): it is dropped below, give it zeros.
-        empty = ~has_support[:, None]
-        lp = torch.log_softmax(teacher_log.masked_fill(empty, 0.0), -1)
-        lq = torch.log_softmax(s_support.masked_fill(empty, 0.0), -1)
-    else:
-        s = student_logits.to(dtype) * spec.inv_temperature
-        s_support = s.gather(1, index).masked_fill_(~present, -math.inf)
-        row_max, log_sum = divergences.log_softmax_parts(s)
-        log_q_tail, rest = _log_mass_outside(s, index, present, row_max, log_sum)
-        floor = TAIL_FLOOR if spec.name == "reverse_kl" else 0.0
-        p_tail = (1 - teacher_log.exp().sum(-1)).clamp(min=floor)
-        # No student mass outside the support (k = V, or -inf logits there): the tail bucket does
-        # not exist, and the teacher's leftover is rounding; keeping it would make forward KL inf.
-        p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)
-        lp = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
-        lq = torch.cat([(s_support - row_max[:, None]) - log_sum[:, None], log_q_tail[:, None]], 1)
+        loss, support_grad = support_loss(student_logits.gather(1, index), indices, logprobs, vocab, labels, spec,
+                                          ignore_index, scale)
+        if scale is None:
+            return loss, None
+        grad = torch.zeros_like(student_logits).scatter_add_(1, index, support_grad.to(student_logits.dtype))
+        return loss, grad.masked_fill_(support_grad.isnan().any(-1, keepdim=True), math.nan)
+    has_support = present.any(-1)
+    active = has_support if labels is None else has_support & (labels != ignore_index)
+    s = student_logits.to(dtype) * spec.inv_temperature
+    s_support = s.gather(1, index).masked_fill_(~present, -math.inf)
+    row_max, log_sum = divergences.log_softmax_parts(s)
+    log_q_tail, rest = _log_mass_outside(s, index, present, row_max, log_sum)
+    floor = TAIL_FLOOR if spec.name == "reverse_kl" else 0.0
+    p_tail = (1 - teacher_log.exp().sum(-1)).clamp(min=floor)
+    # No student mass outside the support (k = V, or -inf logits there): the tail bucket does
+    # not exist, and the teacher's leftover is rounding; keeping it would make forward KL inf.
+    p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)
+    lp = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
+    lq = torch.cat([(s_support - row_max[:, None]) - log_sum[:, None], log_q_tail[:, None]], 1)
     loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
     loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
     if scale is None:
         return loss, None
-    if spec.name == "tvd":
-        bucket_grad = lq.exp() * _tvd_factors(lq, lp)
-    else:
-        bucket_grad = divergences.grad_scaled_student(spec, lq, lp, aux)
     row_scale = (scale.to(dtype) * spec.inv_temperature)[:, None]
     # Absent entries add 0 wherever their (arbitrary) id points; inactive rows add 0 (where, not a
     # product: a NaN in an ignored row must not leak).
-    support_grad = torch.where(present & active[:, None], bucket_grad[:, :index.shape[1]] * row_scale, 0.0)
-    if missing_mass == "renormalize":
-        grad = torch.zeros_like(student_logits)
-        grad.scatter_add_(1, index, support_grad.to(student_logits.dtype))
-    else:
-        grad = _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux)
-        grad = torch.where((rest == -math.inf) | ~active[:, None], 0.0, grad.mul_(row_scale))
-        grad = grad.scatter_add_(1, index, support_grad).to(student_logits.dtype)
+    support_grad = torch.where(present & active[:, None], _bucket_grad(spec, lq, lp, aux)[:, :-1] * row_scale, 0.0)
+    grad = _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux)
+    grad = torch.where((rest == -math.inf) | ~active[:, None], 0.0, grad.mul_(row_scale))
+    grad = grad.scatter_add_(1, index, support_grad).to(student_logits.dtype)
     return loss, grad.masked_fill_((bad_row & active)[:, None], math.nan)
 
 

@@ -1,0 +1,71 @@
+"""The fused linear loss against a top-k teacher renormalised over its support, without a hard
+term: the loss reads the student's logits at the k ids of each row only, so they are formed as k
+dot products per row, s_nj = h_n · W[x_nj] (+ b[x_nj]), instead of the (N, V) logit GEMM, and the
+gradient lands on those k rows of the weight. O(N·k·H) work and memory instead of O(N·V·H):
+with k = 64 of V = 128k that is 2000× fewer FLOPs than the dense teacher's four GEMMs.
+
+A path of the block driver, not a backend: the renormalised divergence comes from the sparse_kd
+kernels of the backend in the options (``support_loss``).
+"""
+
+import torch
+
+from ..layout import clamped_ids, compute_dtype
+
+# Elements of one gathered weight block (rows × k × H): 16 MiB in fp32 on a CPU, 256 MiB on a GPU.
+GATHER_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
+
+
+def serves(teacher_family, options):
+    """Whether this path computes the call: the sparse teacher renormalised, no cross-entropy
+    (it needs every logit), no entropy (the same)."""
+    return (teacher_family == "sparse_kd" and options.missing_mass == "renormalize" and not options.with_hard
+            and not options.with_entropy)
+
+
+def run(student_hidden, student_weight, student_bias, indices, logprobs, labels, options, kernels, soft_scale,
+        need, weight_dtype, bias_dtype):
+    """As driver.run: student_hidden (N, H); student_weight (V, H) and student_bias (V,) or None,
+    both already in the hidden states' dtype; indices, logprobs (N, k). Returns (soft_rows (N,),
+    hard_rows (N,) zeros, None, grad_hidden, grad_weight, grad_bias)."""
+    n_rows, hidden_size = student_hidden.shape
+    vocab, top_k = student_weight.shape[0], indices.shape[1]
+    want_grad = soft_scale is not None
+    need_hidden, need_weight, need_bias = need if want_grad else (False, False, False)
+    dtype = compute_dtype(student_hidden, logprobs)
+    # Logits in fp32 (fp64) when asked for, as the block driver forms them; else in the GEMM dtype.
+    logits_dtype = dtype if options.fp32_logits else student_hidden.dtype
+    soft_rows = torch.empty(n_rows, dtype=dtype, device=student_hidden.device)
+    grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
+    grad_weight = torch.zeros_like(student_weight, dtype=weight_dtype) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=compute_dtype(student_weight), device=student_weight.device) \
+        if need_bias else None
+    budget = GATHER_ELEMENTS.get(student_hidden.device.type, GATHER_ELEMENTS["cpu"])
+    rows = max(1, budget // max(top_k * hidden_size, 1))
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        block_ids = indices[start:stop]
+        index, _ = clamped_ids(block_ids, torch.ones_like(block_ids, dtype=torch.bool), vocab)
+        hidden = student_hidden[start:stop]
+        weight_rows = student_weight[index]  # (R, k, H)
+        logits = torch.bmm(weight_rows.to(logits_dtype), hidden.to(logits_dtype)[:, :, None])[..., 0]
+        if student_bias is not None:
+            logits = logits + student_bias[index].to(logits_dtype)
+        block_scale = None if soft_scale is None else soft_scale[start:stop]
+        soft, grad = kernels.support_loss(logits, block_ids, logprobs[start:stop], vocab,
+                                          None if labels is None else labels[start:stop], options.spec,
+                                          options.ignore_index, block_scale)
+        soft_rows[start:stop] = soft
+        if not want_grad:
+            continue
+        rounded = grad.to(student_hidden.dtype)  # rounded once to the GEMM operands' dtype, as the driver does
+        if need_hidden:
+            grad_hidden[start:stop] = torch.bmm(rounded[:, None, :], weight_rows)[:, 0]
+        if need_weight:
+            block = grad.to(weight_dtype)[:, :, None] * hidden.to(weight_dtype)[:, None, :]  # (R, k, H)
+            grad_weight.index_add_(0, index.reshape(-1), block.reshape(-1, hidden_size))
+        if need_bias:
+            grad_bias.index_add_(0, index.reshape(-1), grad.reshape(-1).to(grad_bias.dtype))
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias_dtype)
+    return soft_rows, soft_rows.new_zeros(n_rows), None, grad_hidden, grad_weight, grad_bias
