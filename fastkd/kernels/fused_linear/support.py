@@ -35,38 +35,42 @@ def run(student_hidden, student_weight, student_bias, indices, logprobs, labels,
     dtype = compute_dtype(student_hidden, logprobs)
     # Logits in fp32 (fp64) when asked for, as the block driver forms them; else in the GEMM dtype.
     logits_dtype = dtype if options.fp32_logits else student_hidden.dtype
-    soft_rows = torch.empty(n_rows, dtype=dtype, device=student_hidden.device)
     grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
-    grad_weight = None
     grad_bias = torch.zeros(vocab, dtype=compute_dtype(student_weight), device=student_weight.device) \
         if need_bias else None
     budget = GATHER_ELEMENTS.get(student_hidden.device.type, GATHER_ELEMENTS["cpu"])
     rows = max(1, budget // max(top_k * hidden_size, 1))
+    chunks = [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
     index = clamped_ids(indices, torch.ones_like(indices, dtype=torch.bool), vocab)[0]
-    support_grad = torch.empty(n_rows, top_k, dtype=dtype, device=student_hidden.device) if want_grad else None
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        hidden = student_hidden[start:stop]
-        weight_rows = student_weight[index[start:stop]]  # (R, k, H)
-        logits = torch.bmm(weight_rows.to(logits_dtype), hidden.to(logits_dtype)[:, :, None])[..., 0]
-        if student_bias is not None:
-            logits = logits + student_bias[index[start:stop]].to(logits_dtype)
-        block_scale = None if soft_scale is None else soft_scale[start:stop]
-        soft, grad = kernels.support_loss(logits, indices[start:stop], logprobs[start:stop], vocab,
-                                          None if labels is None else labels[start:stop], options.spec,
-                                          options.ignore_index, block_scale)
-        soft_rows[start:stop] = soft
-        if not want_grad:
-            continue
-        support_grad[start:stop] = grad
-        if need_hidden:  # rounded once to the GEMM operands' dtype, as the block driver does
-            grad_hidden[start:stop] = torch.bmm(grad.to(student_hidden.dtype)[:, None, :], weight_rows)[:, 0]
-    if need_weight:
-        grad_weight = _weight_grad(support_grad, index, student_hidden, vocab, weight_dtype)
+    logits = torch.empty(n_rows, top_k, dtype=logits_dtype, device=student_hidden.device)
+    for start, stop in chunks:
+        weight_rows = _rows_of(student_weight, index[start:stop])
+        logits[start:stop] = torch.bmm(weight_rows.to(logits_dtype),
+                                       student_hidden[start:stop].to(logits_dtype)[:, :, None])[..., 0]
+    if student_bias is not None:
+        logits += student_bias[index].to(logits_dtype)
+    # The divergence on all N rows at once: (N, k) is small, and on a loaded CPU each small op
+    # costs its thread wake-ups (per-chunk calls were most of the time, docs/perf-notes.md).
+    soft_rows, support_grad = kernels.support_loss(logits, indices, logprobs, vocab, labels, options.spec,
+                                                   options.ignore_index, soft_scale)
+    if not want_grad:
+        return soft_rows, soft_rows.new_zeros(n_rows), None, None, None, None
+    if need_hidden:  # rounded once to the GEMM operands' dtype, as the block driver does
+        rounded = support_grad.to(student_hidden.dtype)
+        for start, stop in chunks:
+            weight_rows = _rows_of(student_weight, index[start:stop])
+            grad_hidden[start:stop] = torch.bmm(rounded[start:stop, None, :], weight_rows)[:, 0]
+    grad_weight = _weight_grad(support_grad, index, student_hidden, vocab, weight_dtype) if need_weight else None
     if need_bias:
         grad_bias.index_add_(0, index.reshape(-1), support_grad.reshape(-1).to(grad_bias.dtype))
         grad_bias = grad_bias.to(bias_dtype)
     return soft_rows, soft_rows.new_zeros(n_rows), None, grad_hidden, grad_weight, grad_bias
+
+
+def _rows_of(weight, index):
+    """weight[index]: (R, k, H). As an embedding lookup, which copies whole rows (half the time of
+    advanced indexing on the 2-core CPU)."""
+    return torch.nn.functional.embedding(index, weight)
 
 
 def _weight_grad(support_grad, index, hidden, vocab, weight_dtype):
