@@ -292,3 +292,21 @@ def test_fused_renormalized_reads_only_the_support_logits(dtype, reduction):
     assert rel_err(loss, ref) < tolerance
     assert all(rel_err(a, b) < tolerance for a, b in zip(grads, ref_grads))
     assert grads[1].dtype == dtype and (grads[1][vocab:] == 0).all()
+
+
+def test_both_weight_gradient_forms_of_the_support_path_agree():
+    # The GPU's atomic index_add_ form and the CPU's sparse product, run here side by side
+    # against float64 (repeated ids across rows, as top-k sets overlap).
+    from fastkd.kernels.fused_linear.support import _weight_grad
+    N, K, H, vocab = 23, 7, 12, 40
+    grad = torch.randn(N, K, device=DEVICE)
+    index = torch.randint(0, vocab, (N, K), device=DEVICE)
+    hidden = torch.randn(N, H, device=DEVICE)
+    ref = torch.zeros(vocab, H, dtype=torch.float64, device=DEVICE)
+    for n in range(N):
+        for j in range(K):
+            ref[index[n, j]] += grad[n, j].double() * hidden[n].double()
+    chunks = [(0, 10), (10, 20), (20, 23)]
+    for atomic in (True, False):
+        out = _weight_grad(grad, index, hidden, vocab, torch.float32, chunks, atomic=atomic)
+        assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6

@@ -60,7 +60,10 @@ def run(student_hidden, student_weight, student_bias, indices, logprobs, labels,
         for start, stop in chunks:
             weight_rows = _rows_of(student_weight, index[start:stop])
             grad_hidden[start:stop] = torch.bmm(rounded[start:stop, None, :], weight_rows)[:, 0]
-    grad_weight = _weight_grad(support_grad, index, student_hidden, vocab, weight_dtype) if need_weight else None
+    grad_weight = None
+    if need_weight:
+        grad_weight = _weight_grad(support_grad, index, student_hidden, vocab, weight_dtype, chunks,
+                                   atomic=student_hidden.device.type == "cuda")
     if need_bias:
         grad_bias.index_add_(0, index.reshape(-1), support_grad.reshape(-1).to(grad_bias.dtype))
         grad_bias = grad_bias.to(bias_dtype)
@@ -73,15 +76,17 @@ def _rows_of(weight, index):
     return torch.nn.functional.embedding(index, weight)
 
 
-def _weight_grad(support_grad, index, hidden, vocab, weight_dtype):
-    """Σ_n Σ_j g_nj·e_{x_nj} h_nᵀ: (V, H). On a GPU an atomic index_add_ of the (N·k, H) rows; on a
-    CPU, where index_add_ of many rows runs serially (0.2 s for 65k × 256 on the 2-core machine),
-    one sparse (V, N) × dense (N, H) product (BLAS-backed, duplicates summed)."""
+def _weight_grad(support_grad, index, hidden, vocab, weight_dtype, chunks, atomic):
+    """Σ_n Σ_j g_nj·e_{x_nj} h_nᵀ: (V, H). On a GPU an atomic index_add_ of the (R·k, H) rows of
+    each chunk; on a CPU, where index_add_ of many rows runs serially (0.2 s for 65k × 256 on the
+    2-core machine), one sparse (V, N) × dense (N, H) product (BLAS-backed, duplicates summed)."""
     n_rows, top_k = support_grad.shape
-    if hidden.device.type == "cuda":
+    if atomic:
         grad_weight = torch.zeros(vocab, hidden.shape[1], dtype=weight_dtype, device=hidden.device)
-        rows = (support_grad.to(weight_dtype)[:, :, None] * hidden.to(weight_dtype)[:, None, :])
-        return grad_weight.index_add_(0, index.reshape(-1), rows.reshape(-1, hidden.shape[1]))
+        for start, stop in chunks:
+            rows = support_grad[start:stop].to(weight_dtype)[:, :, None] * hidden[start:stop].to(weight_dtype)[:, None]
+            grad_weight.index_add_(0, index[start:stop].reshape(-1), rows.reshape(-1, hidden.shape[1]))
+        return grad_weight
     math_dtype = support_grad.dtype  # fp32 (fp64): the CPU sparse product's dtypes
     row_ids = torch.arange(n_rows, device=hidden.device).repeat_interleave(top_k)
     sparse = torch.sparse_coo_tensor(torch.stack([index.reshape(-1), row_ids]), support_grad.reshape(-1),
