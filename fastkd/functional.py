@@ -199,9 +199,8 @@ def sparse_kd_loss(
             T ≠ T_g the leftover mass at T depends on how the mass outside the top-k is spread,
             which the top-k does not say, so that pair raises instead of guessing.
         validate: also reject present ids outside [0, V), repeated present ids and positive or NaN
-            log-probs with an error. This reads
-            the tensors on the host (a synchronisation, and a graph break under torch.compile):
-            for debugging data, off by default.
+            log-probs with an error. This reads the tensors on the host (a synchronisation, and a
+            graph break under torch.compile): for debugging data, off by default.
         backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()["sparse_kd"]``).
         The other options are those of :func:`kd_loss`.
     """
