@@ -310,3 +310,16 @@ def test_both_weight_gradient_forms_of_the_support_path_agree():
     for atomic in (True, False):
         out = _weight_grad(grad, index, hidden, vocab, torch.float32, chunks, atomic=atomic)
         assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
+
+
+def test_padding_rows_of_fused_linear_topk_need_no_labels():
+    # Rows fused_linear_topk leaves as padding (ignored labels: ids -1, log-probs -inf) have no
+    # present entry: the sparse loss ignores them whether it is given the labels or not.
+    hidden, weight = torch.randn(10, 16, device=DEVICE), torch.randn(90, 16, device=DEVICE)
+    labels = torch.randint(0, 90, (10,), device=DEVICE)
+    labels[[2, 7]] = -100
+    top = fastkd.fused_linear_topk(hidden, weight, 6, labels=labels)
+    student = torch.randn(10, 90, device=DEVICE)
+    with_labels = fastkd.sparse_kd_loss(student, *top, labels, divergence="tvd")
+    without = fastkd.sparse_kd_loss(student, *top, divergence="tvd")
+    assert torch.isfinite(without) and rel_err(without, with_labels) < 1e-6
