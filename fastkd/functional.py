@@ -8,12 +8,12 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import distributed, validation
+from . import distributed, sparse_inputs, validation
 from .divergences import make_spec
 from .kernels import registry
 from .kernels.fused_linear import block_logits
 from .kernels.layout import as_rows, compute_dtype
-from .kernels.sparse.contract import MISSING_MASS, SPARSE_DIVERGENCES
+from .kernels.sparse.contract import DEFAULT_PAD_ID, MISSING_MASS, SPARSE_DIVERGENCES
 from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
 from .options import FusedLinearOptions, KDOptions, SparseOptions
 from .reduction import reduce_rows, row_weight
@@ -151,8 +151,11 @@ def sparse_kd_loss(
     *,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
+    beta: Optional[float] = None,
     teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
+    teacher_mask: Optional[Tensor] = None,
+    pad_id: Optional[int] = DEFAULT_PAD_ID,
     temperature_squared: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -164,18 +167,29 @@ def sparse_kd_loss(
 
     Args:
         student_logits: (…, V) fp32|fp16|bf16|fp64. Receives the gradient.
-        teacher_indices: (…, k) int, the teacher's top-k token ids per row (distinct, in [0, V)).
-            A row holding an id outside [0, V) gets a NaN loss and NaN gradient (checked on the
-            device, no host synchronisation).
-        teacher_logprobs: (…, k) float, their log-probabilities under the teacher (as stored by
-            offline runs or returned by inference servers).
+        teacher_indices: (…, k) int, the teacher's top-k token ids per row (distinct, in [0, V)),
+            e.g. (B, T, k) next to (B, T, V) logits. A row holding a present id outside [0, V) gets
+            a NaN loss and NaN gradient (checked on the device, no host synchronisation).
+        teacher_logprobs: (…, k) fp32|fp16|bf16|fp64, their log-probabilities under the teacher
+            (as stored by offline runs or returned by inference servers). Math runs in fp32
+            (fp64 if the student or the log-probs are fp64).
         labels: (…) int; rows equal to ``ignore_index`` contribute nothing.
-        divergence: "forward_kl" KL(p‖q) or "reverse_kl" KL(q‖p).
-        missing_mass: "renormalize": both distributions restricted to the top-k support and
-            renormalised there; "tail": the teacher's leftover mass 1 − Σp is one more bucket,
-            compared with the student's mass outside the support (temperature must equal
-            teacher_temperature); when the support is the whole vocabulary there is no tail
-            bucket. See fastkd/kernels/sparse/torch.py.
+        divergence: "forward_kl" KL(p‖q), "reverse_kl" KL(q‖p), "jsd" (with ``beta``, TRL's
+            convention as in :func:`kd_loss`: β·KL(p‖M) + (1−β)·KL(q‖M), M = β·p + (1−β)·q) or
+            "tvd" ½·Σ|p − q|, each over the buckets that ``missing_mass`` defines.
+        beta: JSD mixture weight in [0, 1] (default 0.5; 0 is exactly forward KL, 1 reverse KL).
+        missing_mass: "renormalize": both distributions restricted to the present top-k entries
+            and renormalised there, p̃_i = p_i/Σ_S p, q̃_i = q_i/Σ_S q (no gradient outside S);
+            "tail": k + 1 buckets, the teacher's leftover mass 1 − Σ_S p being one more bucket,
+            compared with the student's mass Σ_{i∉S} q_i outside the support (temperature must
+            equal teacher_temperature); when the support is the whole vocabulary there is no
+            tail bucket, and with k = V every divergence equals :func:`kd_loss`'s. See
+            fastkd/kernels/sparse/torch.py for the formulas and gradients.
+        teacher_mask: (…, k) bool or None: True where an entry is present (ragged k per row).
+        pad_id: entries whose id equals it are absent (default -1, the PAD_ID of fastkd's top-k
+            cache and ignored rows of fused_linear_topk); None: no padding id. Entries with a
+            log-prob of -inf are absent too. A row with no present entry is an ignored row
+            (loss 0, gradient 0, left out of the mean as a row whose label is ignore_index is).
         temperature: the training temperature T: divides the student logits, and the teacher is
             taken at T too.
         teacher_temperature: the temperature T_g the log-probs were computed at (log softmax(z/T_g):
@@ -185,20 +199,18 @@ def sparse_kd_loss(
             exact only for T = T_g, when the stored log-probs already are the teacher at T; for
             T ≠ T_g the leftover mass at T depends on how the mass outside the top-k is spread,
             which the top-k does not say, so that pair raises instead of guessing.
-        validate: also reject repeated ids and positive or NaN log-probs with an error. This reads
-            the tensors on the host (a synchronisation, and a graph break under torch.compile):
-            for debugging data, off by default.
+        validate: also reject present ids outside [0, V), repeated present ids and positive or NaN
+            log-probs with an error. This reads the tensors on the host (a synchronisation, and a
+            graph break under torch.compile): for debugging data, off by default.
         backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()["sparse_kd"]``).
         The other options are those of :func:`kd_loss`.
     """
     validation.check_logits("student_logits", student_logits)
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
-    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
-    validation.check_flag("validate", validate)
-    validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, student_logits.device,
-                                    validate)
-    teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_logits)
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta)
+    teacher_logprobs = _sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask, pad_id, leading_shape,
+                                       vocab, student_logits, validate, teacher_temperature)
     validation.check_row_options(labels, leading_shape, student_logits.device, ignore_index, reduction, normalizer,
                                  temperature_squared)
     backend = registry.select("sparse_kd", backend, student_logits.device,
@@ -211,7 +223,8 @@ def sparse_kd_loss(
                               teacher_logprobs.reshape(-1, top_k), flat_labels, options)
     if temperature_squared:
         row_loss = row_loss * (spec.temperature ** 2)
-    return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+    counted = rows_with_teacher(flat_labels, teacher_logprobs.reshape(-1, top_k) != -math.inf, ignore_index)
+    return reduce_rows(row_loss, leading_shape, reduction, normalizer, counted, ignore_index)
 
 
 def fused_linear_kd_loss(
@@ -394,8 +407,11 @@ def fused_linear_sparse_kd_loss(
     vocab_size: Optional[int] = None,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
+    beta: Optional[float] = None,
     teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
+    teacher_mask: Optional[Tensor] = None,
+    pad_id: Optional[int] = DEFAULT_PAD_ID,
     temperature_squared: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -412,20 +428,21 @@ def fused_linear_sparse_kd_loss(
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
     ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
-    those of :func:`fused_linear_kd_loss`; ``teacher_temperature`` is that of :func:`sparse_kd_loss`.
+    those of :func:`fused_linear_kd_loss`; ``beta``, ``teacher_temperature``, ``teacher_mask`` and
+    ``pad_id`` are those of :func:`sparse_kd_loss`.
     ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term.
     ``process_group`` and ``grad_hidden_reduction``: as for :func:`fused_linear_kd_loss` (this
     rank's rows of the student's lm_head; DTensor weights placed Shard(0)); the teacher's ids are
     global, and each rank gathers the student logits of the ids in its slice: one (k, N) all-reduce
-    per step ("tail": + 4 values per token). ``validate`` then checks ids against ``vocab_size``
-    only when it is given (no rank knows the whole vocabulary on the host)."""
+    per step ("tail": + 4 values per token); forward and reverse KL only. ``validate`` then checks
+    ids against ``vocab_size`` only when it is given (no rank knows the whole vocabulary on the host)."""
     global_rows = distributed.global_rows(student_weight)
     sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
         dict(student_weight=student_weight, student_bias=student_bias),
         dict(student_hidden=student_hidden, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
-             labels=labels), process_group)
+             teacher_mask=teacher_mask, labels=labels), process_group)
     student_weight, student_bias = sharded.values()
-    student_hidden, teacher_indices, teacher_logprobs, labels = replicated.values()
+    student_hidden, teacher_indices, teacher_logprobs, teacher_mask, labels = replicated.values()
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device
@@ -438,10 +455,12 @@ def fused_linear_sparse_kd_loss(
     else:
         _check_global_vocab_size(vocab_size)
         vocab = vocab_size if vocab_size is not None else sys.maxsize
-    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
-    validation.check_flag("validate", validate)
-    validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
-    teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_hidden)
+        if divergence not in ("forward_kl", "reverse_kl"):
+            raise ValueError(f"divergence must be 'forward_kl' or 'reverse_kl' for a top-k teacher with a "
+                             f"process_group; got {divergence!r}")
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta)
+    teacher_logprobs = _sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask, pad_id, leading_shape,
+                                       vocab, student_hidden, validate, teacher_temperature)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
     dtypes = (student_hidden.dtype, teacher_logprobs.dtype)
@@ -455,6 +474,8 @@ def fused_linear_sparse_kd_loss(
                                           fp32_logits, return_entropy, global_rows)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
+    if hard_weight == 0:  # rows without teacher entries leave the mean (with a hard term their CE counts)
+        labels = rows_with_teacher(labels, teacher_logprobs != -math.inf, ignore_index)
     result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
                            hard_weight, temperature_squared, reduction, normalizer,
                            return_components or return_entropy)
@@ -596,13 +617,36 @@ def _teacher_at_generation(logprobs, teacher_temperature, like):
     return logprobs.to(compute_dtype(like, logprobs)) * float(teacher_temperature)
 
 
-def _sparse_spec(divergence, temperature, missing_mass, teacher_temperature=1.0):
+def rows_with_teacher(labels, present, ignore_index):
+    """The labels a reduction counts rows with: ``labels`` (or all rows counted, for None) with
+    ``ignore_index`` where a row has no present teacher entry (present: (…, k) bool), so such a
+    row leaves the mean like an ignored one. No host synchronisation."""
+    has_teacher = present.any(-1)
+    if labels is None:
+        return torch.where(has_teacher, 0, ignore_index)
+    return labels.masked_fill(~has_teacher.reshape(labels.shape), ignore_index)
+
+
+def _sparse_teacher(indices, logprobs, mask, pad_id, leading_shape, vocab, student, validate, teacher_temperature):
+    """Checks a top-k teacher and returns its log-probs as the kernels read them: -inf at absent
+    entries, at the generation temperature (see _teacher_at_generation)."""
+    validation.check_flag("validate", validate)
+    validation.check_sparse_teacher(indices, logprobs, leading_shape, vocab, student.device)
+    sparse_inputs.check_mask(mask, indices)
+    sparse_inputs.check_pad_id(pad_id)
+    logprobs = sparse_inputs.logprobs_with_absent(indices, logprobs, mask, pad_id)
+    if validate:
+        validation.check_sparse_values(indices, logprobs, vocab)
+    return _teacher_at_generation(logprobs, teacher_temperature, student)
+
+
+def _sparse_spec(divergence, temperature, missing_mass, teacher_temperature=1.0, beta=None):
     if divergence not in SPARSE_DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)} with a sparse teacher; "
                          f"got {divergence!r}")
     if missing_mass not in MISSING_MASS:
         raise ValueError(f"missing_mass must be one of {', '.join(map(repr, MISSING_MASS))}; got {missing_mass!r}")
-    spec = make_spec(divergence, temperature)
+    spec = make_spec(divergence, temperature, beta)
     if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float)):
         raise TypeError(f"teacher_temperature must be a Python number; got {type(teacher_temperature).__name__}")
     if not (math.isfinite(teacher_temperature) and teacher_temperature > 0):

@@ -280,12 +280,21 @@ def _check_sparse(rank, group, split):
         (dict(divergence="forward_kl", missing_mass="tail", reduction="sum", hard_weight=1.0, vocab_size=vocab - 2,
               fp32_logits=True), torch.bfloat16),
         (dict(divergence="reverse_kl", missing_mass="renormalize", temperature=0.7, biases=True), torch.float64),
+        # Padding ids (ragged k) and a row without entries: against one process only, whose padding
+        # is checked against float64 in tests/test_sparse_divergences.py.
+        (dict(divergence="forward_kl", missing_mass="renormalize", padded=True), torch.float64),
+        (dict(divergence="reverse_kl", missing_mass="tail", reduction="none", padded=True), torch.float64),
     )
     for seed, (options, dtype) in enumerate(cases):
         real = options.get("vocab_size") or vocab
         student_hidden, student_weight, student_bias, *_, labels = _inputs(vocab, dtype, 50 + seed, real)
         indices, logprobs = _sparse_teacher(real, 9, 60 + seed)
         logprobs = logprobs.to(dtype if dtype != torch.bfloat16 else torch.float32)
+        padded = options.pop("padded", False)
+        if padded:
+            indices = indices.clone()
+            indices[0, 1, 6:] = -1
+            indices[1, 2, :] = -1
         reduction = options.get("reduction", "mean")
         grad_output = torch.rand(N_SHAPE, generator=torch.Generator().manual_seed(seed)) + 0.5 \
             if reduction == "none" else torch.tensor(1.0)
@@ -305,6 +314,14 @@ def _check_sparse(rank, group, split):
                           process_group=group)
         entropy, one_entropy = loss.entropy, one_process.entropy
         loss, one_process = loss.loss, one_process.loss
+        if padded:
+            where = f"rank {rank}, padded sparse {options}"
+            assert torch.isfinite(loss).all() and rel_err(loss, one_process) <= 1e-10, where
+            assert rel_err(entropy, one_entropy) <= 1e-10, where
+            for name, mine, one, sliced in zip(("grad_hidden", "grad_weight"), local, full, (False, True)):
+                one_grad = _slice(one.grad, split, rank) if sliced else one.grad
+                assert rel_err(mine.grad, one_grad) <= 1e-10, (where, name, rel_err(mine.grad, one_grad))
+            continue
         # The definition in float64 on the materialised logits.
         leaves = [x.detach().double().requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
         logits = leaves[0] @ leaves[1][:real].T + (leaves[2][:real] if bias is not None else 0)

@@ -41,6 +41,7 @@ FAMILIES = {
     "fused_linear_vocab_parallel": "the fused linear loss with lm_head rows split across a process group "
                                    "(fused_linear_kd_loss(process_group=))",
     "sparse_kd": "divergences against a top-k teacher",
+    "sampled_kd": "cross-entropy against sampled teacher ids (random-sampling KD)",
     "sinkhorn": "the batched Sinkhorn forward",
     "sinkhorn_backward": "the Sinkhorn gradients",
     "topk": "a teacher's top-k log-probabilities from hidden states (fused_linear_topk)",
@@ -85,6 +86,7 @@ _GEMM_NOTE = ("only for one (n, m) cost shared by every problem, with the cost's
               "compute dtype's exponent range; auto takes it from B·n·m ≥ 2^15 and otherwise keeps the "
               "log-domain kernels")
 _TORCH_SPARSE = "fastkd.kernels.sparse.torch"
+_TORCH_SAMPLED = "fastkd.kernels.sampled.torch"
 
 # Priorities (docs/perf-notes.md): on a GPU Triton first, the CUDA C++ kernels next (not yet timed
 # on a GPU); on the CPU the C++ kernels beat the torch backend and eager PyTorch (2026-11-22:
@@ -121,6 +123,12 @@ ROWS = (
                    note="the torch implementation: there is no Triton sparse-teacher kernel"),
     Implementation("sparse_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SPARSE,
                    note="the torch implementation: fastkd._C has no sparse-teacher kernel"),
+
+    Implementation("sampled_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SAMPLED),
+    Implementation("sampled_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SAMPLED,
+                   note="the torch implementation: there is no Triton sampled-teacher kernel"),
+    Implementation("sampled_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SAMPLED,
+                   note="the torch implementation: fastkd._C has no sampled-teacher kernel"),
 
     # The scaling-domain solver for a shared cost: one GEMM per half-iteration for the whole batch.
     # First wherever its condition (sinkhorn/gemm.py: shared cost, exact domain, large enough) holds:

@@ -2,14 +2,17 @@
 
 Tokens are processed in blocks of C rows. For each block the student logits (C, V) are formed
 with one matmul (tensor cores on a GPU); the teacher of the block (dense: its own matmul and the
-kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels) gives the divergence
-rows and, when gradients are wanted, ∂/∂(student logits); the optional hard-label cross-entropy
-(the ce kernels) adds its rows and gradient; the gradient block is at once contracted into
+kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels; sampled: ids and
+weights and the sampled_kd kernels) gives the divergence rows and, when gradients are wanted,
+∂/∂(student logits); the optional hard-label cross-entropy (the ce kernels) adds its rows and
+gradient; the gradient block is at once contracted into
 grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is ever allocated:
 the workspace is three (C, V) blocks, C chosen from a fixed element budget.
 
 This is a driver, not a backend: the kernels of each family come from the registry, on the
-backends the public function chose (options.soft_backend, options.ce_backend).
+backends the public function chose (options.soft_backend, options.ce_backend). A top-k teacher
+renormalised over its support without a hard term takes the path of support.py instead: the
+loss reads k logits per row, formed as k dot products, never a (C, V) block.
 """
 
 import torch
@@ -17,7 +20,7 @@ import torch
 from ... import logit_transforms
 from .. import registry
 from ..layout import compute_dtype
-from . import block_logits
+from . import block_logits, support
 from .entropy import entropy_rows
 
 # Elements of one (C, V) logit block. GPU: 256M (512 MiB in bf16, three blocks live: 1.5 GiB),
@@ -78,8 +81,22 @@ def _hard_backward(ce, grad_loss, student_logits, model_logits, labels, stats, o
         return
     grad_model = torch.zeros_like(out)
     ce.ce_rows_backward(grad_loss, model_logits, labels, stats, options.ignore_index, out=grad_model)
-    out.add_(logit_transforms.backward(student_logits.to(out.dtype), grad_model, spec.student_scale, spec.student_softcap,
-                                       False, 0.0))
+    out.add_(logit_transforms.backward(student_logits.to(out.dtype), grad_model, spec.student_scale,
+                                       spec.student_softcap, False, 0.0))
+
+
+class SampledTeacher:
+    """Sampled teacher: token ids (N, K) drawn from it and their weights (N, K)."""
+
+    family = "sampled_kd"
+
+    def __init__(self, ids, weights):
+        self.ids, self.weights = ids, weights
+        self.row_dtype_source = weights
+
+    def block(self, kernels, options, start, stop, student_logits, labels, scale):
+        return kernels.block_loss(student_logits, self.ids[start:stop], self.weights[start:stop], labels,
+                                  options.spec, options.sample_count, options.ignore_index, scale)
 
 
 def block_rows(n_rows, vocab, device):
@@ -123,6 +140,9 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
         soft_kernels, ce = exchange, exchange if options.with_hard else None
     else:
         soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
+        if support.serves(teacher.family, options):  # the k logits per row the loss reads, no (C, V) blocks
+            return support.run(student_hidden, student_weight, student_bias, teacher.indices, teacher.logprobs,
+                               labels, options, soft_kernels, soft_scale, need, weight_dtype, bias_dtype)
         ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
     ignore_index = options.ignore_index
     want_grad = soft_scale is not None

@@ -215,17 +215,24 @@ class Exchange:
         self.mask_padding(student_logits)
         dtype = compute_dtype(student_logits, logprobs)
         s = student_logits.to(dtype) * spec.inv_temperature
+        teacher_log = logprobs.to(dtype) * spec.inv_temperature
+        # Absent entries (masked or padding ids, folded to -inf log-probs by the public function)
+        # are no bucket: no rank owns them, and a row with none has loss and gradient 0.
+        present = teacher_log != -math.inf
+        has_support = present.any(-1)
         ids = indices.long()
-        bad_row = ((ids < 0) | (ids >= self.limit)).any(-1)
+        bad_row = (present & ((ids < 0) | (ids >= self.limit))).any(-1)
         local = ids - self.layout.offset
-        owns = (local >= 0) & (local < self.n_cols)
+        owns = present & (local >= 0) & (local < self.n_cols)
         index = torch.where(owns, local, 0)
         s_support = distributed.all_reduce(torch.where(owns, s.gather(1, index), 0.0), dist.ReduceOp.SUM, self.group)
-        teacher_log = logprobs.to(dtype) * spec.inv_temperature
+        s_support = s_support.masked_fill_(~present, -math.inf)
         # Entries this rank does not own point at column 0 with a zero: scatter_add_, never scatter_
         # (two writes to one column would race).
         if missing_mass == "renormalize":
-            log_p, log_q = torch.log_softmax(teacher_log, -1), torch.log_softmax(s_support, -1)
+            empty = ~has_support[:, None]  # all -inf would give a NaN softmax: zeros, dropped below
+            log_p = torch.log_softmax(teacher_log.masked_fill(empty, 0.0), -1)
+            log_q = torch.log_softmax(s_support.masked_fill(empty, 0.0), -1)
             loss, grad_support = divergences.kl_and_grad_on_buckets(spec.name, log_p, log_q)
             grad = None if scale is None else torch.zeros_like(s).scatter_add_(
                 1, index, torch.where(owns, grad_support, 0.0))
@@ -259,9 +266,9 @@ class Exchange:
                 q = divergences.log_probs(s, row_max, log_sum).exp()
                 grad = (q * tail_factor[:, None]).masked_fill_(support, 0.0).scatter_add_(
                     1, index, torch.where(owns, support_grad, 0.0))
-        loss = torch.where(bad_row, math.nan, loss)
+        loss = torch.where(has_support, torch.where(bad_row, math.nan, loss), 0.0)
         if grad is not None:
-            grad = torch.where(bad_row[:, None], math.nan, grad)
+            grad = torch.where(has_support[:, None], torch.where(bad_row[:, None], math.nan, grad), 0.0)
         if labels is not None:
             active = labels != ignore_index
             loss = torch.where(active, loss, 0.0)
