@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import distributed, sparse_inputs, validation
+from . import distributed, logit_transforms, sparse_inputs, validation
 from .divergences import make_spec
 from .kernels import registry
 from .kernels.fused_linear import block_logits
@@ -152,6 +152,8 @@ def sparse_kd_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     beta: Optional[float] = None,
+    student_logit_scale: Optional[float] = None,
+    student_softcap: Optional[float] = None,
     teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
     teacher_mask: Optional[Tensor] = None,
@@ -203,12 +205,19 @@ def sparse_kd_loss(
             log-probs with an error. This reads the tensors on the host (a synchronisation, and a
             graph break under torch.compile): for debugging data, off by default.
         backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()["sparse_kd"]``).
+        student_logit_scale, student_softcap: the student's logits as its model outputs them
+            (scale, then c·tanh(x/c)), before the temperature, as in :func:`kd_loss`; here applied
+            by autograd before the op (one transformed copy of the logits, in their dtype). The
+            teacher's side is its stored log-probs, already as its model computed them.
         The other options are those of :func:`kd_loss`.
     """
     validation.check_logits("student_logits", student_logits)
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
-    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta)
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                        student_softcap)
+    if spec.student_scale != 1.0 or spec.student_softcap > 0:
+        student_logits = logit_transforms.scale_and_cap(student_logits, spec.student_scale, spec.student_softcap)
     teacher_logprobs = _sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask, pad_id, leading_shape,
                                        vocab, student_logits, validate, teacher_temperature)
     validation.check_row_options(labels, leading_shape, student_logits.device, ignore_index, reduction, normalizer,
@@ -408,6 +417,8 @@ def fused_linear_sparse_kd_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     beta: Optional[float] = None,
+    student_logit_scale: Optional[float] = None,
+    student_softcap: Optional[float] = None,
     teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
     teacher_mask: Optional[Tensor] = None,
@@ -429,7 +440,8 @@ def fused_linear_sparse_kd_loss(
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
     ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
     those of :func:`fused_linear_kd_loss`; ``beta``, ``teacher_temperature``, ``teacher_mask`` and
-    ``pad_id`` are those of :func:`sparse_kd_loss`.
+    ``pad_id`` are those of :func:`sparse_kd_loss`; ``student_logit_scale`` and ``student_softcap``
+    apply to each logit block (and to the hard term, as in :func:`fused_linear_kd_loss`).
     ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term.
     ``process_group`` and ``grad_hidden_reduction``: as for :func:`fused_linear_kd_loss` (this
     rank's rows of the student's lm_head; DTensor weights placed Shard(0)); the teacher's ids are
@@ -458,7 +470,8 @@ def fused_linear_sparse_kd_loss(
         if divergence not in ("forward_kl", "reverse_kl"):
             raise ValueError(f"divergence must be 'forward_kl' or 'reverse_kl' for a top-k teacher with a "
                              f"process_group; got {divergence!r}")
-    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta)
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                        student_softcap)
     teacher_logprobs = _sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask, pad_id, leading_shape,
                                        vocab, student_hidden, validate, teacher_temperature)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
@@ -499,7 +512,10 @@ def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, b
                    with_entropy):
     """The FusedLinearOptions of a call: the soft family's backend, and the ce family's when there
     is a hard term, each chosen by the registry."""
-    soft_backend = registry.select(soft_family, backend, device, dtypes, spec.features)
+    # A top-k teacher's kernels never see the student's scale and soft-cap: the driver applies them
+    # to each logit block (kernels/fused_linear/driver.py: SparseTeacher).
+    features = spec.features - {"logit_scale", "softcap"} if soft_family == "sparse_kd" else spec.features
+    soft_backend = registry.select(soft_family, backend, device, dtypes, features)
     ce_backend = registry.select("ce", backend, device, dtypes[:1]) if hard_weight != 0 else ""
     if fp32_logits is None:
         fp32_logits = block_logits.default_fp32(device)
@@ -640,13 +656,15 @@ def _sparse_teacher(indices, logprobs, mask, pad_id, leading_shape, vocab, stude
     return _teacher_at_generation(logprobs, teacher_temperature, student)
 
 
-def _sparse_spec(divergence, temperature, missing_mass, teacher_temperature=1.0, beta=None):
+def _sparse_spec(divergence, temperature, missing_mass, teacher_temperature=1.0, beta=None, student_logit_scale=None,
+                 student_softcap=None):
     if divergence not in SPARSE_DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)} with a sparse teacher; "
                          f"got {divergence!r}")
     if missing_mass not in MISSING_MASS:
         raise ValueError(f"missing_mass must be one of {', '.join(map(repr, MISSING_MASS))}; got {missing_mass!r}")
-    spec = make_spec(divergence, temperature, beta)
+    spec = make_spec(divergence, temperature, beta, student_logit_scale=student_logit_scale,
+                     student_softcap=student_softcap)
     if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float)):
         raise TypeError(f"teacher_temperature must be a Python number; got {type(teacher_temperature).__name__}")
     if not (math.isfinite(teacher_temperature) and teacher_temperature > 0):

@@ -84,14 +84,17 @@ class SparseKDLoss(_LossModule):
     labels=None, *, teacher_mask=None, normalizer=None)``."""
 
     def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: Optional[float] = None,
+                 student_logit_scale: Optional[float] = None, student_softcap: Optional[float] = None,
                  teacher_temperature: float = 1.0, missing_mass: str = "renormalize",
                  pad_id: Optional[int] = DEFAULT_PAD_ID, temperature_squared: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", validate: bool = False, backend: str = "auto"):
         super().__init__(divergence=divergence, temperature=temperature, beta=beta,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                          teacher_temperature=teacher_temperature, missing_mass=missing_mass, pad_id=pad_id,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          validate=validate, backend=backend)
-        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta)
+        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                                student_softcap)
 
     def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
                 labels: Optional[Tensor] = None, *, teacher_mask: Optional[Tensor] = None,
@@ -108,6 +111,7 @@ class FusedLinearSparseKDLoss(_LossModule):
 
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  vocab_size: Optional[int] = None, temperature: float = 1.0, beta: Optional[float] = None,
+                 student_logit_scale: Optional[float] = None, student_softcap: Optional[float] = None,
                  teacher_temperature: float = 1.0, missing_mass: str = "renormalize",
                  pad_id: Optional[int] = DEFAULT_PAD_ID, temperature_squared: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", return_components: bool = False, return_entropy: bool = False,
@@ -115,12 +119,14 @@ class FusedLinearSparseKDLoss(_LossModule):
                  process_group=None, grad_hidden_reduction: str = "sum"):
         super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
                          vocab_size=vocab_size, temperature=temperature, beta=beta,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                          teacher_temperature=teacher_temperature, missing_mass=missing_mass, pad_id=pad_id,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          return_components=return_components, return_entropy=return_entropy,
                          fp32_logits=fp32_logits, validate=validate, backend=backend,
                          process_group=process_group, grad_hidden_reduction=grad_hidden_reduction)
-        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta)
+        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                                student_softcap)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
                 teacher_logprobs: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,

@@ -182,3 +182,42 @@ def test_a_side_without_transforms_keeps_its_logits(backend):
     assert torch.equal(teacher, kept)
     ref = row_losses("forward_kl", capped(student.double(), 1.0, 5.0), teacher.double(), 2.0).mean()
     assert rel_err(loss, ref) < 1e-5
+
+
+@pytest.mark.parametrize("missing_mass", ["renormalize", "tail"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_sparse_teacher_with_a_soft_capped_scaled_student(divergence, missing_mass):
+    # A Gemma-style student (cap 30) against stored top-k log-probs, logits of ±100: the cap must
+    # reach the sparse losses, unfused (sparse_kd_loss) and fused (every logit block), hard term too.
+    from reference import sparse_rows
+
+    n, hidden_size, vocab, top_k = 13, 16, 97, 7
+    hidden = (torch.randn(n, hidden_size, device=DEVICE) * 4).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, device=DEVICE) * 4).requires_grad_(True)
+    teacher = torch.randn(n, vocab, dtype=torch.float64, device=DEVICE) * 3
+    logprobs, indices = torch.log_softmax(teacher, -1).topk(top_k, -1)
+    labels = torch.randint(0, vocab, (n,), device=DEVICE)
+    labels[::5] = -100
+    options = dict(divergence=divergence, missing_mass=missing_mass, student_logit_scale=0.7, student_softcap=30.0)
+    leaves = [hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)]
+    student = capped(leaves[0] @ leaves[1].t(), 0.7, 30.0)
+    active = labels != -100
+    soft = torch.where(active, sparse_rows(student, indices, logprobs, divergence, 1.0, missing_mass), 0.0)
+    soft = soft.sum() / active.sum()
+
+    logits = (hidden @ weight.t()).detach().requires_grad_(True)
+    loss = fastkd.sparse_kd_loss(logits, indices, logprobs.float(), labels, **options)
+    (grad,) = torch.autograd.grad(loss, logits)
+    raw = (leaves[0] @ leaves[1].t()).detach().requires_grad_(True)
+    (ref_logit_grad,) = torch.autograd.grad(
+        torch.where(active, sparse_rows(capped(raw, 0.7, 30.0), indices, logprobs, divergence, 1.0, missing_mass),
+                    0.0).sum() / active.sum(), raw)
+    assert rel_err(loss, soft) < 2e-5 and rel_err(grad, ref_logit_grad) < 2e-5
+
+    fused = fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs.float(), labels, hard_weight=0.3,
+                                               **options)
+    grads = torch.autograd.grad(fused, (hidden, weight))
+    ref = soft + 0.3 * torch.nn.functional.cross_entropy(student, labels, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert rel_err(fused, ref) < 2e-5
+    assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..functional import FusedLoss, fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from ..kernels.sparse.contract import SPARSE_DIVERGENCES
 from ..topk import fused_linear_topk
 
 # Keys of a Trainer batch that the model body takes; the rest (labels, …) are the loss's.
@@ -212,8 +213,9 @@ def hidden_states_loss(
                                     teacher_logit_scale=teacher_transform.scale,
                                     teacher_softcap=teacher_transform.softcap, **common, **loss_options)
     return fused_linear_sparse_kd_loss(student_hidden, student_weight, top.indices, top.logprobs, labels,
-                                       student_bias=student_bias, missing_mass=missing_mass, **common,
-                                       **loss_options)
+                                       student_bias=student_bias, missing_mass=missing_mass,
+                                       student_logit_scale=student_transform.scale,
+                                       student_softcap=student_transform.softcap, **common, **loss_options)
 
 
 def _check_models(student, teacher, options):
@@ -226,12 +228,14 @@ def _check_models(student, teacher, options):
     student_transform, teacher_transform = logit_transform_of(student.config), logit_transform_of(teacher.config)
     if options.get("teacher_top_k") is not None:
         divergence = options.get("divergence", "forward_kl")
-        if divergence not in ("forward_kl", "reverse_kl"):
-            raise ValueError(f"teacher_top_k (a sparse teacher) takes divergence 'forward_kl' or 'reverse_kl'; "
+        allowed = SPARSE_DIVERGENCES if options.get("process_group") is None else ("forward_kl", "reverse_kl")
+        if divergence not in allowed:
+            raise ValueError(f"teacher_top_k (a sparse teacher) takes divergence {' or '.join(map(repr, allowed))}"
+                             f"{' with a process_group' if options.get('process_group') is not None else ''}; "
                              f"got {divergence!r}")
-        if student_transform != LogitTransform() or teacher_transform.softcap is not None:
-            raise ValueError("teacher_top_k (a sparse teacher) supports a teacher logit scale only: no soft-capped "
-                             f"teacher nor transformed student; got student {student_transform}, teacher "
+        if teacher_transform.softcap is not None:
+            # fused_linear_topk takes the teacher's scale as a temperature; it has no soft-cap.
+            raise ValueError(f"teacher_top_k (a sparse teacher) does not take a soft-capped teacher; got "
                              f"{teacher_transform}")
     return student_transform, teacher_transform
 

@@ -49,7 +49,9 @@ def vocab_parallel_loss(student_hidden, student_head, teacher_hidden, teacher_he
     if teacher_top is not None:
         indices, logprobs = teacher_top
         return fused_linear_sparse_kd_loss(student_hidden, student_weight, indices, logprobs, labels,
-                                           student_bias=student_bias, missing_mass=missing_mass, **common)
+                                           student_bias=student_bias, missing_mass=missing_mass,
+                                           student_logit_scale=student_transform.scale,
+                                           student_softcap=student_transform.softcap, **common)
     with torch.no_grad():
         teacher_weight, teacher_bias = _local_slice(*teacher_head, vocab_size, group)
     return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,

@@ -60,8 +60,17 @@ class SparseTeacher:
         self.row_dtype_source = logprobs
 
     def block(self, kernels, options, start, stop, student_logits, labels, scale):
-        return kernels.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop], labels,
-                                  options.spec, options.missing_mass, options.ignore_index, scale)
+        # The sparse kernels take the student's logits as its model outputs them: the scale and
+        # soft-cap are applied here, block by block, and the gradient chained back through them.
+        model_logits = _model_logits(student_logits, options.spec)
+        loss, grad = kernels.block_loss(model_logits, self.indices[start:stop], self.logprobs[start:stop], labels,
+                                        options.spec, options.missing_mass, options.ignore_index, scale)
+        if grad is None or model_logits is student_logits:
+            return loss, grad
+        spec = options.spec
+        dtype = compute_dtype(student_logits)
+        return loss, logit_transforms.backward(student_logits.to(dtype), grad.to(dtype), spec.student_scale,
+                                               spec.student_softcap, False, 0.0).to(grad.dtype)
 
 
 def _model_logits(student_logits, spec):

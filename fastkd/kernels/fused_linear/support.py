@@ -18,9 +18,11 @@ GATHER_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 
 def serves(teacher_family, options):
     """Whether this path computes the call: the sparse teacher renormalised, no cross-entropy
-    (it needs every logit), no entropy (the same)."""
+    (it needs every logit), no entropy (the same), no student scale or soft-cap (the block path
+    applies them)."""
+    spec = options.spec
     return (teacher_family == "sparse_kd" and options.missing_mass == "renormalize" and not options.with_hard
-            and not options.with_entropy)
+            and not options.with_entropy and spec.student_scale == 1.0 and spec.student_softcap == 0)
 
 
 def run(student_hidden, student_weight, student_bias, indices, logprobs, labels, options, kernels, soft_scale,
