@@ -32,6 +32,14 @@ def _centred_and_std(y):
     return centred, sum_squares.div_(max(y.shape[-1] - 1, 1)).sqrt_()
 
 
+def row_mean_and_std(x, scale, softcap):
+    """The mean and sample std (R,) of the rows of scale_and_cap(x) (R, V): what standardisation
+    divides by (the kd_rows forward saves them, kernels/logits/contract.py)."""
+    y = scale_and_cap(x, scale, softcap)
+    _, std = _centred_and_std(y)
+    return y.mean(-1), std[:, 0]
+
+
 def forward(x, scale, softcap, standardize, eps):
     """The transformed logits of x (R, V)."""
     y = scale_and_cap(x, scale, softcap)

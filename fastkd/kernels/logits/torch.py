@@ -12,7 +12,7 @@ import torch
 from ... import divergences, logit_transforms
 from ..layout import compute_dtype, row_chunks, rows_slice
 from ..torch_scratch import Scratch
-from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS
+from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, stats_width
 
 # Elements of one (rows × V) temporary: 1M fp32 elements = 4 MiB; JSD keeps about a dozen alive.
 CHUNK_ELEMENTS = 1 << 20
@@ -64,13 +64,14 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
 
     Returns (loss (N,), stats (N, 5)) in the compute dtype: per row the max and log-sum-exp
     offset of student / T and teacher / T (dkd: over the non-target classes), and the gradient
-    constant ``aux``. Rows whose label is ``ignore_index`` get zeros.
+    constant ``aux``; with ``standardize`` (N, 9): also each side's row mean and std
+    (contract.STANDARDIZE_COLUMNS; this backend's backward recomputes them). Rows whose label is ``ignore_index`` get zeros.
     """
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
     dtype = compute_dtype(student, teacher)
     loss = torch.empty(n_rows, dtype=dtype, device=student.device)
-    stats = torch.empty(n_rows, N_STATS, dtype=dtype, device=student.device)
+    stats = torch.empty(n_rows, stats_width(spec), dtype=dtype, device=student.device)
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
@@ -87,7 +88,12 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
             lq, max_s, log_sum_s = divergences.log_probs_and_parts(s, scratch)
             lp, max_t, log_sum_t = divergences.log_probs_and_parts(t, scratch)
             row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp, scratch)
-        row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux], dim=1)
+        columns = [max_s, log_sum_s, max_t, log_sum_t, aux]
+        if spec.standardize:
+            for side, x in (("student", student), ("teacher", teacher)):
+                columns += logit_transforms.row_mean_and_std(rows_slice(x, start, stop).to(dtype),
+                                                             *_transform_args(spec, side)[:2])
+        row_stats = torch.stack(columns, dim=1)
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
             row_loss = torch.where(active, row_loss, 0.0)
@@ -124,7 +130,7 @@ def _dkd_backward_rows(grad_loss, student, teacher, labels, row_stats, spec, ign
 
 
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
-    """grad_loss: (N,) ∂output/∂L_row; stats: (N, 5) from the forward.
+    """grad_loss: (N,) ∂output/∂L_row; stats: (N, 5) or (N, 9) from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
