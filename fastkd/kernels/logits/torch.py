@@ -65,7 +65,8 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     Returns (loss (N,), stats (N, 5)) in the compute dtype: per row the max and log-sum-exp
     offset of student / T and teacher / T (dkd: over the non-target classes), and the gradient
     constant ``aux``; with ``standardize`` (N, 9): also each side's row mean and std
-    (contract.STANDARDIZE_COLUMNS; this backend's backward recomputes them). Rows whose label is ``ignore_index`` get zeros.
+    (contract.STANDARDIZE_COLUMNS; this backend's backward recomputes them). Rows whose label is
+    ``ignore_index`` get zeros.
     """
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols

@@ -402,7 +402,7 @@ def _grad_tile(s_row, t_row, start, V, stride_s_col, stride_t_col, s_mult, s_pre
     q = tl.exp2(lq)
     p = tl.exp2(lp)
     if DKD:
-        # q̂, p̂ (the stats are over the non-target classes): q̂·(beta − alpha·aux) − beta·p̂, alpha·aux at y.
+        # q̂, p̂ (the stats cover the non-target classes): q̂·(beta − alpha·aux) − beta·p̂; alpha·aux at y.
         g = tl.where(cols == target, alpha * aux, q * (param - alpha * aux) - param * p)
     elif DIVERGENCE == FORWARD_KL:
         g = q - p
@@ -516,8 +516,9 @@ def kd_backward_kernel(
             s_mult = s_mult / (std_s + eps)
             t_mult = t_mult / (std_t + eps)
             row_scale = row_scale / (std_s + eps)
-            # z = (y − mean)/(std + eps): ∂L/∂y ∝ (g − mean(g)) − (y − mean)·Σg·(y − mean)/((std + eps)·(V − 1)·std),
-            # the last term 0 at std = 0 (logit_transforms.backward).
+            # z = c/(std + eps), c = y − mean:
+            #   ∂L/∂y ∝ (g − mean(g)) − c·Σ(g·c)/((std + eps)·(V − 1)·std), the last term 0 at std = 0
+            # (logit_transforms.backward).
             g_sum = tl.zeros([BLOCK_V // VEC], tl.float32)
             gc_sum = tl.zeros([BLOCK_V // VEC], tl.float32)
             for start in range(0, n_full, BLOCK_V):
