@@ -39,6 +39,8 @@ SKEW_REVERSE_KL = tl.constexpr(contract.DIVERGENCE_CODES["skew_reverse_kl"])
 TVD = tl.constexpr(contract.DIVERGENCE_CODES["tvd"])
 
 NEG_START = tl.constexpr(contract.NEG_START)
+# Columns per tile of the two-pass forward with a soft-cap or standardisation (see kd_rows_forward).
+TRANSFORMED_MIXTURE_BLOCK = 2048
 
 
 @triton.jit
@@ -592,12 +594,17 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     if n_rows == 0:
         return loss, stats
     block_v, num_warps = launch_config(n_cols)
+    two_pass = spec.name not in ("forward_kl", "reverse_kl", "dkd")
+    if two_pass and (flags["SOFTCAP_S"] or flags["SOFTCAP_T"] or spec.standardize):
+        # The mixture pass with a tanh per side and the standardisation spilled at 4096-column tiles
+        # (24–56 bytes on sm_90, docs/kernel-report.md): half the tile per program keeps it in registers.
+        block_v = min(block_v, TRANSFORMED_MIXTURE_BLOCK)
     common = dict(HAS_LABELS=labels is not None, BLOCK_V=block_v, VEC=vector_width(student, teacher),
                   num_warps=num_warps, **flags)
     labels_arg = labels if labels is not None else loss  # never read without HAS_LABELS
     args = (student, teacher, labels_arg, loss, stats, n_cols, inner, *row_layout(student),
             *row_layout(teacher), *constants, ignore_index)
-    if spec.name in ("forward_kl", "reverse_kl", "dkd"):
+    if not two_pass:
         kd_single_pass_forward_kernel[(n_rows,)](*args, spec.alpha, spec.param, REVERSE=spec.name == "reverse_kl",
                                                  DKD=spec.name == "dkd", **common)
     else:
