@@ -118,6 +118,15 @@ def test_every_divergence_and_transform_fp32(divergence, transforms):
     _check(divergence, student, teacher, labels, transforms, torch.float32)
 
 
+@pytest.mark.parametrize("transforms", ["softcap", "all"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd", "dkd"])
+def test_rows_of_several_tiles(divergence, transforms):
+    # V = 9001: full (unmasked) tiles of 4096 or 2048 columns, then a partial one.
+    student, teacher = _logits(2, 9001), _logits(2, 9001)
+    labels = torch.tensor([4500, 9000], device=DEVICE)
+    _check(divergence, student, teacher, labels, TRANSFORMS[transforms], torch.float32)
+
+
 @pytest.mark.parametrize("transforms", ["scale+softcap", "standardize", "all"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "dkd"])
 def test_bf16_inputs(divergence, transforms):
