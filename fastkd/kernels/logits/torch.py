@@ -36,11 +36,12 @@ def _scaled(x, inv_temperature, dtype, scratch):
     return torch.mul(x.to(dtype) if x.dtype != dtype else x, inv_temperature, out=out)
 
 
-def _side_logits(x, spec, side, dtype, scratch):
-    """The logits one side's softmax sees: its transforms (logit_transforms.py), then / T."""
+def _side_logits(x, spec, side, dtype, scratch, moments=None):
+    """The logits one side's softmax sees: its transforms (logit_transforms.py), then / T; with
+    standardize, ``moments`` (a list) receives the row mean and std."""
     if not spec.transforms_logits:
         return _scaled(x, spec.inv_temperature, dtype, scratch)
-    transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side))
+    transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side), moments=moments)
     # Out of place: a side without transforms gets x itself back, the caller's logits.
     return torch.mul(transformed, spec.inv_temperature, out=scratch(x, dtype))
 
@@ -76,8 +77,9 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
-        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch)
-        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch)
+        moments = []  # standardize: mean and std of each side, saved in the stats
+        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch, moments)
+        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch, moments)
         if spec.name == "dkd":
             target, bad = _targets(labels, start, stop, n_cols, ignore_index)
             student_side = divergences.dkd_side(s, target, scratch)
@@ -89,12 +91,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
             lq, max_s, log_sum_s = divergences.log_probs_and_parts(s, scratch)
             lp, max_t, log_sum_t = divergences.log_probs_and_parts(t, scratch)
             row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp, scratch)
-        columns = [max_s, log_sum_s, max_t, log_sum_t, aux]
-        if spec.standardize:
-            for side, x in (("student", student), ("teacher", teacher)):
-                columns += logit_transforms.row_mean_and_std(rows_slice(x, start, stop).to(dtype),
-                                                             *_transform_args(spec, side)[:2])
-        row_stats = torch.stack(columns, dim=1)
+        row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux, *moments], dim=1)
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
             row_loss = torch.where(active, row_loss, 0.0)
