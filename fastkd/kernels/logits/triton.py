@@ -39,8 +39,9 @@ SKEW_REVERSE_KL = tl.constexpr(contract.DIVERGENCE_CODES["skew_reverse_kl"])
 TVD = tl.constexpr(contract.DIVERGENCE_CODES["tvd"])
 
 NEG_START = tl.constexpr(contract.NEG_START)
-# Columns per tile of the two-pass forward with a soft-cap or standardisation (see kd_rows_forward).
-TRANSFORMED_MIXTURE_BLOCK = 2048
+# Columns per tile with a soft-cap or standardisation (_launch_config): the two-pass forward, the others.
+TRANSFORMED_MIXTURE_BLOCK = 1024
+TRANSFORMED_BLOCK = 2048
 
 
 @triton.jit
@@ -573,6 +574,17 @@ def _transform_arguments(spec):
     return (s_mult, s_pre, s_cap, t_mult, t_pre, t_cap, spec.standardize_eps), flags
 
 
+def _launch_config(n_cols, spec, flags, transformed_block):
+    """triton_rows.launch_config, with smaller tiles when a soft-cap or standardisation adds their
+    per-element state: at 4096 columns the kernels with every flag spilled 4–56 bytes (sm_80,
+    sm_90; the two-pass forward even at 2048)."""
+    block_v, num_warps = launch_config(n_cols)
+    if flags["SOFTCAP_S"] or flags["SOFTCAP_T"] or spec.standardize:
+        block_v = min(block_v, transformed_block)
+        num_warps = min(num_warps, launch_config(block_v)[1])
+    return block_v, num_warps
+
+
 def _check_labels(spec, labels):
     if spec.name == "dkd" and labels is None:
         raise ValueError("divergence='dkd' needs labels: the target class of each row")
@@ -593,12 +605,9 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     stats = torch.empty(n_rows, flags["STATS_WIDTH"], dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return loss, stats
-    block_v, num_warps = launch_config(n_cols)
     two_pass = spec.name not in ("forward_kl", "reverse_kl", "dkd")
-    if two_pass and (flags["SOFTCAP_S"] or flags["SOFTCAP_T"] or spec.standardize):
-        # The mixture pass with a tanh per side and the standardisation spilled at 4096-column tiles
-        # (24–56 bytes on sm_90, docs/kernel-report.md): half the tile per program keeps it in registers.
-        block_v = min(block_v, TRANSFORMED_MIXTURE_BLOCK)
+    block_v, num_warps = _launch_config(n_cols, spec, flags, TRANSFORMED_MIXTURE_BLOCK if two_pass else
+                                        TRANSFORMED_BLOCK)
     common = dict(HAS_LABELS=labels is not None, BLOCK_V=block_v, VEC=vector_width(student, teacher),
                   num_warps=num_warps, **flags)
     labels_arg = labels if labels is not None else loss  # never read without HAS_LABELS
@@ -623,7 +632,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     if n_rows == 0:
         return grad
     constants, flags = _transform_arguments(spec)
-    block_v, num_warps = launch_config(n_cols)
+    block_v, num_warps = _launch_config(n_cols, spec, flags, TRANSFORMED_BLOCK)
     grad_loss = grad_loss.to(torch.float32).contiguous()  # autograd often hands in an expanded scalar
     dkd = spec.name == "dkd"
     kd_backward_kernel[(n_rows,)](
