@@ -28,7 +28,7 @@ from ..triton_device import on_tensor_device
 from ..triton_math import FLT_MIN, LN2, LOG2_FLOOR, LOG2E, fast_log2
 from ..triton_rows import block_columns, launch_config, lse_merge, lse_step, row_offset, vector_width
 from . import contract
-from .triton_transforms import load_side, row_mean_and_std, transform
+from .triton_transforms import divide, load_side, row_mean_and_std, transform
 
 # Kernel codes of the divergences (constexpr: each divergence compiles its own kernel).
 FORWARD_KL = tl.constexpr(contract.DIVERGENCE_CODES["forward_kl"])
@@ -39,8 +39,7 @@ SKEW_REVERSE_KL = tl.constexpr(contract.DIVERGENCE_CODES["skew_reverse_kl"])
 TVD = tl.constexpr(contract.DIVERGENCE_CODES["tvd"])
 
 NEG_START = tl.constexpr(contract.NEG_START)
-# Columns per tile with a soft-cap or standardisation (_launch_config): the two-pass forward, the others.
-TRANSFORMED_MIXTURE_BLOCK = 1024
+# Columns per tile with a soft-cap or standardisation (_launch_config).
 TRANSFORMED_BLOCK = 2048
 
 
@@ -119,7 +118,7 @@ def _standardized(s_row, t_row, stride_s_col, stride_t_col, n_live, s_mult, s_pr
     if STANDARDIZE:
         mean_s, std_s = row_mean_and_std(s_row, stride_s_col, n_live, s_pre, s_cap, SOFTCAP_S, BLOCK_V, VEC)
         mean_t, std_t = row_mean_and_std(t_row, stride_t_col, n_live, t_pre, t_cap, SOFTCAP_T, BLOCK_V, VEC)
-        return mean_s, std_s, s_mult / (std_s + eps), mean_t, std_t, t_mult / (std_t + eps)
+        return mean_s, std_s, divide(s_mult, std_s + eps), mean_t, std_t, divide(t_mult, std_t + eps)
     else:
         return 0.0, 0.0, s_mult, 0.0, 0.0, t_mult
 
@@ -516,9 +515,9 @@ def kd_backward_kernel(
             std_s = tl.load(base + 6)
             mean_t = tl.load(base + 7)
             std_t = tl.load(base + 8)
-            s_mult = s_mult / (std_s + eps)
-            t_mult = t_mult / (std_t + eps)
-            row_scale = row_scale / (std_s + eps)
+            s_mult = divide(s_mult, std_s + eps)
+            t_mult = divide(t_mult, std_t + eps)
+            row_scale = divide(row_scale, std_s + eps)
             # z = c/(std + eps), c = y − mean:
             #   ∂L/∂y ∝ (g − mean(g)) − c·Σ(g·c)/((std + eps)·(V − 1)·std), the last term 0 at std = 0
             # (logit_transforms.backward).
@@ -534,9 +533,9 @@ def kd_backward_kernel(
                                                s_mult, s_pre, s_cap, mean_s, t_mult, t_pre, t_cap, mean_t, target,
                                                m_s, log_sum_s, m_t, log_sum_t, aux, param, alpha, DIVERGENCE,
                                                SOFTCAP_S, SOFTCAP_T, DKD, True, BLOCK_V, VEC)
-            g_mean = tl.sum(g_sum, axis=0) / V
+            g_mean = divide(tl.sum(g_sum, axis=0), V.to(tl.float32))
             denominator = (std_s + eps) * tl.maximum(V - 1, 1).to(tl.float32) * std_s
-            through_std = tl.where(std_s > 0, tl.sum(gc_sum, axis=0) / denominator, 0.0)
+            through_std = tl.where(std_s > 0, divide(tl.sum(gc_sum, axis=0), denominator), 0.0)
         for start in range(0, n_full, BLOCK_V):
             _write_grad_tile(g_row, s_row, t_row, start, V, stride_s_col, stride_t_col, s_mult, s_pre, s_cap, mean_s,
                              t_mult, t_pre, t_cap, mean_t, target, m_s, log_sum_s, m_t, log_sum_t, aux, param, alpha,
@@ -574,15 +573,24 @@ def _transform_arguments(spec):
     return (s_mult, s_pre, s_cap, t_mult, t_pre, t_cap, spec.standardize_eps), flags
 
 
-def _launch_config(n_cols, spec, flags, transformed_block):
+def _transformed(spec, flags):
+    return flags["SOFTCAP_S"] or flags["SOFTCAP_T"] or spec.standardize
+
+
+def _launch_config(n_cols, spec, flags):
     """triton_rows.launch_config, with smaller tiles when a soft-cap or standardisation adds their
-    per-element state: at 4096 columns the kernels with every flag spilled 4–56 bytes (sm_80,
-    sm_90; the two-pass forward even at 2048)."""
+    per-element state: at 4096 columns the kernels with every flag spilled 4–56 bytes (sm_80, sm_90)."""
     block_v, num_warps = launch_config(n_cols)
-    if flags["SOFTCAP_S"] or flags["SOFTCAP_T"] or spec.standardize:
-        block_v = min(block_v, transformed_block)
+    if _transformed(spec, flags):
+        block_v = min(block_v, TRANSFORMED_BLOCK)
         num_warps = min(num_warps, launch_config(block_v)[1])
     return block_v, num_warps
+
+
+def _register_budget(spec, flags):
+    # ptxas spilled 8–48 bytes at 80 registers in the kernels with a soft-cap and standardisation
+    # when left to its own budget; a stated ceiling lets it use more (docs/kernel-report.md).
+    return {"maxnreg": 128} if _transformed(spec, flags) else {}
 
 
 def _check_labels(spec, labels):
@@ -606,10 +614,9 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     if n_rows == 0:
         return loss, stats
     two_pass = spec.name not in ("forward_kl", "reverse_kl", "dkd")
-    block_v, num_warps = _launch_config(n_cols, spec, flags, TRANSFORMED_MIXTURE_BLOCK if two_pass else
-                                        TRANSFORMED_BLOCK)
+    block_v, num_warps = _launch_config(n_cols, spec, flags)
     common = dict(HAS_LABELS=labels is not None, BLOCK_V=block_v, VEC=vector_width(student, teacher),
-                  num_warps=num_warps, **flags)
+                  num_warps=num_warps, **flags, **_register_budget(spec, flags))
     labels_arg = labels if labels is not None else loss  # never read without HAS_LABELS
     args = (student, teacher, labels_arg, loss, stats, n_cols, inner, *row_layout(student),
             *row_layout(teacher), *constants, ignore_index)
@@ -632,12 +639,13 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     if n_rows == 0:
         return grad
     constants, flags = _transform_arguments(spec)
-    block_v, num_warps = _launch_config(n_cols, spec, flags, TRANSFORMED_BLOCK)
+    block_v, num_warps = _launch_config(n_cols, spec, flags)
     grad_loss = grad_loss.to(torch.float32).contiguous()  # autograd often hands in an expanded scalar
     dkd = spec.name == "dkd"
     kd_backward_kernel[(n_rows,)](
         grad, student, teacher, labels if labels is not None else grad_loss, grad_loss, stats,
         n_cols, inner, *row_layout(student), *row_layout(teacher), *constants, ignore_index, spec.param, spec.alpha,
         DIVERGENCE=contract.DIVERGENCE_CODES["forward_kl" if dkd else spec.name], HAS_LABELS=labels is not None,
-        DKD=dkd, BLOCK_V=block_v, VEC=vector_width(student, teacher), num_warps=num_warps, **flags)
+        DKD=dkd, BLOCK_V=block_v, VEC=vector_width(student, teacher), num_warps=num_warps, **flags,
+        **_register_budget(spec, flags))
     return grad

@@ -57,15 +57,15 @@ def _moments_tile(count, mean, m2, row_ptr, start, stride_col, n_cols, pre, cap,
     if MASKED:
         valid = cols < n_cols
         n_tile = tl.sum(valid.to(tl.float32), axis=1)
-        tile_mean = tl.sum(tl.where(valid, y, 0.0), axis=1) / tl.maximum(n_tile, 1.0)
+        tile_mean = divide(tl.sum(tl.where(valid, y, 0.0), axis=1), tl.maximum(n_tile, 1.0))
         centred = tl.where(valid, y - tile_mean[:, None], 0.0)
     else:
         n_tile = VEC * 1.0
-        tile_mean = tl.sum(y, axis=1) / VEC
+        tile_mean = tl.sum(y, axis=1) * (1.0 / VEC)
         centred = y - tile_mean[:, None]
     new_count = count + n_tile
     delta = tile_mean - mean
-    weight = n_tile / tl.maximum(new_count, 1.0)
+    weight = divide(n_tile, tl.maximum(new_count, 1.0))
     return new_count, mean + delta * weight, m2 + tl.sum(centred * centred, axis=1) + delta * delta * count * weight
 
 
@@ -86,7 +86,15 @@ def row_mean_and_std(row_ptr, stride_col, n_cols, pre, cap,
                                         True, BLOCK_V, VEC)
     # Tile rows → the row: the same update, all at once (M2 = Σ M2_i + Σ n_i·(mean_i − mean)²).
     total = tl.sum(count, axis=0)
-    row_mean = tl.sum(count * mean, axis=0) / tl.maximum(total, 1.0)
+    row_mean = divide(tl.sum(count * mean, axis=0), tl.maximum(total, 1.0))
     spread = mean - row_mean
     row_m2 = tl.sum(m2 + count * spread * spread, axis=0)
-    return row_mean, tl.sqrt(row_m2 / tl.maximum(total - 1.0, 1.0))
+    return row_mean, tl.sqrt(divide(row_m2, tl.maximum(total - 1.0, 1.0)))
+
+
+@triton.jit
+def divide(x, y):
+    """x / y to 2 ulp for |y| in [2^-126, 2^126] (div.approx.f32: MUFU.RCP and a multiply). The
+    IEEE `/` adds range checks and a called slow path; values live across that call, and the
+    predicates of the checks, spilled in the kernels with every transform (docs/kernel-report.md)."""
+    return tl.fdiv(x, y, approx=True)
