@@ -41,14 +41,3 @@ else:
     @triton.jit
     def fast_log2(x):
         return libdevice.fast_log2f(x)  # lg2.approx.ftz.f32: one MUFU.LG2
-
-
-@triton.jit
-def tanh(u):
-    # 1 − 2/(e^{2u} + 1) on one MUFU.EX2: exactly ±1 once e^{2u} overflows or underflows (no NaN at
-    # ±inf), absolute error ~1e-7 near 0, which a soft-cap c multiplies into ~c·1e-7 on a logit.
-    # (tanh.approx.f32 has a relative error of 2^-11: 0.015 on a logit capped at 30.) The division
-    # is div.approx.f32 (2 ulp; MUFU.RCP and a multiply, 0 for an infinite divisor): the range
-    # checks of `/` and div.full, a handful of predicates per element, made the kernels with every
-    # transform spill predicate registers (docs/kernel-report.md).
-    return 1.0 - tl.fdiv(2.0, tl.exp2(u * (2.0 * LOG2E)) + 1.0, approx=True)

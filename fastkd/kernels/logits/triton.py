@@ -39,6 +39,7 @@ SKEW_REVERSE_KL = tl.constexpr(contract.DIVERGENCE_CODES["skew_reverse_kl"])
 TVD = tl.constexpr(contract.DIVERGENCE_CODES["tvd"])
 
 NEG_START = tl.constexpr(contract.NEG_START)
+_LOG2E = 1.4426950408889634  # on the host
 # Columns per tile with a soft-cap or standardisation (_launch_config).
 TRANSFORMED_BLOCK = 2048
 
@@ -496,7 +497,7 @@ def kd_backward_kernel(
         # scale), times the upstream gradient of this row's loss; per element 1 − tanh² (soft-cap).
         row_scale = tl.load(grad_loss_ptr + row) * s_mult
         if SOFTCAP_S:
-            row_scale = row_scale * (s_cap * s_pre)
+            row_scale = row_scale * (s_cap * s_pre * (0.5 * LN2))  # the student's scale
         elif STANDARDIZE:
             row_scale = row_scale * s_pre
         if not DKD:
@@ -555,10 +556,11 @@ def kd_backward_kernel(
 
 def _side_constants(spec, side):
     """(mult, pre, cap, SOFTCAP) of one side (triton_transforms.py): s = x·mult without transforms
-    or with a scale alone; y = cap·tanh(x·pre) with a soft-cap; y = x·pre under standardisation."""
+    or with a scale alone; y = cap·tanh(x·pre/(2·log2 e)) with a soft-cap; y = x·pre under
+    standardisation."""
     scale, cap = getattr(spec, f"{side}_scale"), getattr(spec, f"{side}_softcap")
     if cap > 0:
-        return spec.inv_temperature, scale / cap, cap, True
+        return spec.inv_temperature, 2.0 * _LOG2E * scale / cap, cap, True
     if spec.standardize:
         return spec.inv_temperature, scale, 1.0, False
     return scale * spec.inv_temperature, 1.0, 1.0, False
