@@ -534,8 +534,10 @@ def kd_backward_kernel(
                                                s_mult, s_pre, s_cap, mean_s, t_mult, t_pre, t_cap, mean_t, target,
                                                m_s, log_sum_s, m_t, log_sum_t, aux, param, alpha, DIVERGENCE,
                                                SOFTCAP_S, SOFTCAP_T, DKD, True, BLOCK_V, VEC)
-            g_mean = divide(tl.sum(g_sum, axis=0), V.to(tl.float32))
-            denominator = (std_s + eps) * tl.maximum(V - 1, 1).to(tl.float32) * std_s
+            # V as fp32 through a tensor: Triton makes an integer argument equal to 1 a constant.
+            n_cols = tl.full([], 1.0, tl.float32) * V
+            g_mean = divide(tl.sum(g_sum, axis=0), n_cols)
+            denominator = (std_s + eps) * tl.maximum(n_cols - 1.0, 1.0) * std_s
             through_std = tl.where(std_s > 0, divide(tl.sum(gc_sum, axis=0), denominator), 0.0)
         for start in range(0, n_full, BLOCK_V):
             _write_grad_tile(g_row, s_row, t_row, start, V, stride_s_col, stride_t_col, s_mult, s_pre, s_cap, mean_s,
