@@ -268,3 +268,50 @@ def test_opcheck_with_every_transform(divergence):
                      student_logit_scale=0.7, student_softcap=5.0, teacher_softcap=6.0, standardize=True)
     torch.library.opcheck(torch.ops.fastkd.kd_rows.default, (student, teacher, labels,
                                                               *flatten(KDOptions(spec, -100, "triton"))))
+
+
+_COMPILE_SINGLE_CLASS = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, "scripts")
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kreport import triton_build, triton_launches
+from fastkd.divergences import make_spec
+from fastkd.kernels import registry
+from fastkd.kernels.logits.contract import stats_width
+launchers = registry.implementation("kd_rows", "triton", "cuda")
+meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")
+labels = meta(64, dtype=torch.int64)
+with triton_launches.recording(triton_launches.discover()) as launches:
+    for divergence in ("reverse_kl", "dkd"):
+        spec = make_spec(divergence, 2.0, 8.0 if divergence == "dkd" else None,
+                         alpha=1.0 if divergence == "dkd" else None, student_softcap=30.0, standardize=True)
+        launchers.kd_rows_forward(meta(64, 1), meta(64, 1), labels, spec, -100)
+        launchers.kd_rows_backward(meta(64), meta(64, 1), meta(64, 1), labels, meta(64, stats_width(spec)), spec, -100)
+for launch in launches:
+    kernel = triton_build._kernel(launch.kernel)
+    job = triton_build.specialise(kernel, launch, 90, "test")
+    triton.compile(ASTSource(kernel, job.signature, job.constexprs, job.attrs), target=GPUTarget("cuda", 90, 32),
+                   options=job.options)
+print("compiled", len(launches))
+"""
+
+
+def test_single_class_rows_compile_for_the_gpu():
+    # Triton turns an integer argument equal to 1 into a constant: V = 1 once broke the compiled
+    # (not the interpreted) standardisation backward. Compiled for sm_90 here, without a GPU.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SINGLE_CLASS], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compiled 4" in done.stdout
