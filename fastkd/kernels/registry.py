@@ -93,8 +93,9 @@ _TORCH_SAMPLED = "fastkd.kernels.sampled.torch"
 # forward_kl 175 vs 505 vs 905 ms, jsd 368 vs 1120 vs 2885 ms at N=2048, V=32000 fp32, fwd+bwd).
 # Triton on the CPU is its interpreter: for tests, never chosen by "auto".
 ROWS = (
-    Implementation("kd_rows", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton"),
-    Implementation("kd_rows", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton"),
+    # Every feature, as constexpr flags of the same kernels (kernels/logits/triton_transforms.py).
+    Implementation("kd_rows", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton", features=FEATURES),
+    Implementation("kd_rows", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton", features=FEATURES),
     # dkd: csrc/logits/dkd_cpu.cpp (one pass forward, one backward); no CUDA kernel yet.
     Implementation("kd_rows", "native", ("cpu",), _FLOATS, 30, f"{_LOGITS}.native", features=frozenset({"dkd"})),
     Implementation("kd_rows", "native", ("cuda",), _FLOATS, 20, f"{_LOGITS}.native"),

@@ -15,6 +15,20 @@ DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl
 STATS_COLUMNS = ("max_s", "log_sum_s", "max_t", "log_sum_t", "aux")
 MAX_S, LOG_SUM_S, MAX_T, LOG_SUM_T, AUX = range(len(STATS_COLUMNS))
 N_STATS = len(STATS_COLUMNS)
+# With ``standardize`` the forward also saves each side's row mean and sample std of the capped
+# logits (logit_transforms.py), so the backward re-standardises without another reduction pass.
+STANDARDIZE_COLUMNS = ("mean_s", "std_s", "mean_t", "std_t")
+MEAN_S, STD_S, MEAN_T, STD_T = range(N_STATS, N_STATS + len(STANDARDIZE_COLUMNS))
+
+
+def stats_columns(spec):
+    """The statistics columns the kd_rows forward of ``spec`` (a DivergenceSpec) saves."""
+    return STATS_COLUMNS + (STANDARDIZE_COLUMNS if spec.standardize else ())
+
+
+def stats_width(spec):
+    return len(stats_columns(spec))
+
 
 # Columns of the (N, 2) statistics of the hard-label cross-entropy rows.
 CE_STATS_COLUMNS = ("max", "log_sum")

@@ -12,7 +12,7 @@ import torch
 from ... import divergences, logit_transforms
 from ..layout import compute_dtype, row_chunks, rows_slice
 from ..torch_scratch import Scratch
-from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS
+from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, stats_width
 
 # Elements of one (rows × V) temporary: 1M fp32 elements = 4 MiB; JSD keeps about a dozen alive.
 CHUNK_ELEMENTS = 1 << 20
@@ -36,11 +36,12 @@ def _scaled(x, inv_temperature, dtype, scratch):
     return torch.mul(x.to(dtype) if x.dtype != dtype else x, inv_temperature, out=out)
 
 
-def _side_logits(x, spec, side, dtype, scratch):
-    """The logits one side's softmax sees: its transforms (logit_transforms.py), then / T."""
+def _side_logits(x, spec, side, dtype, scratch, moments=None):
+    """The logits one side's softmax sees: its transforms (logit_transforms.py), then / T; with
+    standardize, ``moments`` (a list) receives the row mean and std."""
     if not spec.transforms_logits:
         return _scaled(x, spec.inv_temperature, dtype, scratch)
-    transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side))
+    transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side), moments=moments)
     # Out of place: a side without transforms gets x itself back, the caller's logits.
     return torch.mul(transformed, spec.inv_temperature, out=scratch(x, dtype))
 
@@ -64,18 +65,21 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
 
     Returns (loss (N,), stats (N, 5)) in the compute dtype: per row the max and log-sum-exp
     offset of student / T and teacher / T (dkd: over the non-target classes), and the gradient
-    constant ``aux``. Rows whose label is ``ignore_index`` get zeros.
+    constant ``aux``; with ``standardize`` (N, 9): also each side's row mean and std
+    (contract.STANDARDIZE_COLUMNS; this backend's backward recomputes them). Rows whose label is
+    ``ignore_index`` get zeros.
     """
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
     dtype = compute_dtype(student, teacher)
     loss = torch.empty(n_rows, dtype=dtype, device=student.device)
-    stats = torch.empty(n_rows, N_STATS, dtype=dtype, device=student.device)
+    stats = torch.empty(n_rows, stats_width(spec), dtype=dtype, device=student.device)
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
-        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch)
-        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch)
+        moments = []  # standardize: mean and std of each side, saved in the stats
+        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch, moments)
+        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch, moments)
         if spec.name == "dkd":
             target, bad = _targets(labels, start, stop, n_cols, ignore_index)
             student_side = divergences.dkd_side(s, target, scratch)
@@ -87,7 +91,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
             lq, max_s, log_sum_s = divergences.log_probs_and_parts(s, scratch)
             lp, max_t, log_sum_t = divergences.log_probs_and_parts(t, scratch)
             row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp, scratch)
-        row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux], dim=1)
+        row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux, *moments], dim=1)
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
             row_loss = torch.where(active, row_loss, 0.0)
@@ -124,7 +128,7 @@ def _dkd_backward_rows(grad_loss, student, teacher, labels, row_stats, spec, ign
 
 
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
-    """grad_loss: (N,) ∂output/∂L_row; stats: (N, 5) from the forward.
+    """grad_loss: (N,) ∂output/∂L_row; stats: (N, 5) or (N, 9) from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
