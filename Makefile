@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml setup.py requirements-peers.txt $(wildcard cs
 	# The peers the drop-ins are compared with, without their dependencies and with torch held.
 	$(PY) -m pip freeze | grep -E '^(torch|triton)==' > $(VENV)/torch-pin.txt
 	$(PY) -m pip install -q --no-deps -c $(VENV)/torch-pin.txt -r requirements-peers.txt
+	# The Hugging Face stack of fastkd.integrations (fastkd[hf]; TRL itself comes from the peers
+	# above), with its dependencies but torch held at the pin.
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt "transformers>=5" accelerate datasets jinja2
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

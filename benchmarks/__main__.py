@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import config, fused_linear, report, runner, sinkhorn, topk, vision_kd
+from . import config, fused_linear, report, runner, sinkhorn, sparse, topk, tp, vision_kd
 
 
 def _parse(argv=None):
@@ -23,11 +23,14 @@ def _parse(argv=None):
     parser.add_argument("--dtype", choices=sorted(config.DTYPES), help="logits dtype")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="time torch.compile of the eager code (auto: on CUDA, and in --smoke on CPU)")
-    parser.add_argument("--op", choices=("all", "kd_loss", "fused_linear", "sinkhorn", "topk", "vision_kd"),
+    parser.add_argument("--op", choices=("all", "kd_loss", "fused_linear", "sinkhorn", "sparse", "topk", "vision_kd",
+                                         "tp"),
                         default="all",
                         help="which benchmarks: kd_loss, the fused linear loss (benchmarks/fused_linear.py), the "
-                        "Sinkhorn cases (benchmarks/sinkhorn.py), fused_linear_topk (benchmarks/topk.py), DKD and "
-                        "standardised KD at vision sizes (benchmarks/vision_kd.py), or all (size overrides apply "
+                        "Sinkhorn cases (benchmarks/sinkhorn.py), the sparse (top-k) teacher losses "
+                        "(benchmarks/sparse.py), fused_linear_topk (benchmarks/topk.py), DKD and "
+                        "standardised KD at vision sizes (benchmarks/vision_kd.py), the vocab-parallel fused loss "
+                        "(benchmarks/tp.py: counted; measured where 2+ GPUs exist), or all (size overrides apply "
                         "to kd_loss, which then runs alone)")
     return parser.parse_args(argv)
 
@@ -57,10 +60,15 @@ def main(argv=None):
     if args.op == "sinkhorn" or (args.op == "all" and not custom):
         sinkhorn_results = sinkhorn.run(suite_name, device, out_dir)
         failed |= sinkhorn.has_mismatch(sinkhorn_results)
+    # Not in the --smoke run: its fresh-process memory probes take a minute on the 2-core CPU.
+    if args.op == "sparse" or (args.op == "all" and not custom and not args.smoke):
+        failed |= sparse.has_mismatch(sparse.run(suite_name, device, out_dir))
     if args.op == "topk" or (args.op == "all" and not custom):
         failed |= topk.has_mismatch(topk.run(suite_name, device, out_dir))
     if args.op == "vision_kd" or (args.op == "all" and not custom):
         failed |= vision_kd.has_mismatch(vision_kd.run(suite_name, device, out_dir))
+    if args.op == "tp" or (args.op == "all" and not custom):
+        failed |= tp.has_mismatch(tp.run(suite_name, device, out_dir))
     # A wrong answer fails the run (CI runs --smoke); a provider that cannot run here is a note.
     return 1 if failed else 0
 

@@ -9,18 +9,28 @@ on the same inputs and checked against a float64 eager reference before they are
     eager              logits by matmul, upcast to fp32, the JSD written with log_softmax
     compile            torch.compile of eager (CUDA, and --smoke)
     liger              Liger-Kernel's LigerFusedLinearJSDLoss, where installed
+    trl-chunked        TRL's ChunkedDivergenceFunction (trl/kernels/chunked_divergence.py, TRL ≥ 1.16),
+                       called as its DistillationTrainer does, where installed: vocabulary tiles of
+                       4096 × 32768 fp32 logits, Triton kernels on CUDA, the same math in PyTorch on a CPU
     gemms              the four GEMMs alone (teacher and student logits, grad-hidden,
                        grad-weight): the compute floor every fused loss is set against
 
 Issue 3's targets, on an H100 at Hs = Ht = 4096, V = 128256, bf16: fastkd ≤ 1.15× the GEMMs;
 peak memory above inputs and gradients ≤ 2 GB at N = 8192; faster than Liger with ≤ ⅓ of its
-peak memory; at N = 1024 no slower than eager. Run by ``python -m benchmarks`` (``--op
-fused_linear`` for these alone).
+peak memory; at N = 1024 no slower than eager; issue 15: faster than TRL's chunked loss with less
+peak memory at N = 1024 and 8192. Peak extra memory: on CUDA from the allocator; on a CPU the
+resident high-water mark of a fresh process per provider (loss and gradients included). Run by
+``python -m benchmarks`` (``--op fused_linear`` for these alone).
 """
 
 import importlib.util
+import json
 import math
-from dataclasses import asdict, dataclass
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,12 +38,15 @@ import torch
 import fastkd
 
 from . import report
+from .cpu_memory import _high_water_bytes, _resident_bytes
 from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
 from .progress import case_label, provider_label
 from .providers import timed_backends
 
 _MIB = 1 << 20
 BETA = 0.5
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ class FusedProvider:
     name: str
     make: Callable
     checked: bool = True
+    fresh_process_memory: bool = True  # False: a fresh process would compile again before measuring
 
 
 def make_inputs(case, device, seed=0):
@@ -123,6 +137,31 @@ def _liger(inputs):
                                   inputs["teacher_weight"], labels), inputs)
 
 
+def _trl_chunked(inputs):
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    # TRL's beta selects the divergence with fastkd's convention (jsd mixture beta·p_teacher +
+    # (1 − beta)·p_student; 0 is forward KL, 1 reverse KL). Its function returns per-token
+    # (divergence, student entropy); DistillationTrainer sums the divergence over valid tokens and
+    # divides by their count: all rows are valid here, so the mean.
+    def loss():
+        divergence, _ = ChunkedDivergenceFunction.apply(
+            inputs["student_hidden"], inputs["student_weight"], None, inputs["teacher_hidden"],
+            inputs["teacher_weight"], None, BETA, 1.0, 1.0, None, 1.0, None)
+        return divergence.mean()
+
+    return lambda: _grads(loss(), inputs)
+
+
+def _trl_chunked_missing():
+    """Why TRL's chunked divergence cannot run here, or "" when it can."""
+    try:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: F401
+    except Exception as exc:  # absent, or a TRL before 1.16 without the module
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return ""
+
+
 def _gemms(inputs):
     sh, sw, th, tw = (inputs[k].detach() for k in ("student_hidden", "student_weight", "teacher_hidden",
                                                     "teacher_weight"))
@@ -141,13 +180,18 @@ def select(device, suite_name):
     providers = [FusedProvider(f"fastkd-{name}", _fastkd(name)) for name in names]
     providers.append(FusedProvider("eager", _eager))
     if device.type == "cuda" or suite_name == "smoke":
-        providers.append(FusedProvider("compile", _compiled))
+        providers.append(FusedProvider("compile", _compiled, fresh_process_memory=False))
     else:
         notes.append("compile: not run on this CPU (its compile time exceeds the run)")
     if importlib.util.find_spec("liger_kernel") is not None and device.type == "cuda":
         providers.append(FusedProvider("liger", _liger))
     else:
         notes.append("liger: not run (Liger-Kernel is not installed, or no GPU)")
+    missing = _trl_chunked_missing()
+    if missing:
+        notes.append(f"trl-chunked: not run (trl.kernels.chunked_divergence does not import: {missing})")
+    else:
+        providers.append(FusedProvider("trl-chunked", _trl_chunked))
     providers.append(FusedProvider("gemms", _gemms, checked=False))
     return providers, notes
 
@@ -172,7 +216,8 @@ def reference(inputs, rows_per_chunk=256):
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()  # losses still carry autograd: read their values only
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _check(result, reference, case):
@@ -180,6 +225,35 @@ def _check(result, reference, case):
     errors = [_rel(a, b) for a, b in zip(result, reference)]
     status = "ok" if max(errors) <= tolerance else "mismatch"
     return status, "rel err loss {:.1e}, grad_hidden {:.1e}, grad_weight {:.1e}".format(*errors)
+
+
+def _cpu_peak_mib(case, provider_name, suite_name):
+    """Peak extra resident memory of one fwd+bwd step in a fresh process (MiB), or None and a reason."""
+    payload = json.dumps({"case": asdict(case), "provider": provider_name, "suite": suite_name})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.fused_linear", payload], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, f"memory probe timed out after {_TIMEOUT_S} s"
+    if done.returncode != 0:
+        return None, "memory probe failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return float(done.stdout.strip().splitlines()[-1]) / _MIB, ""
+
+
+def _memory_child(payload):
+    # VmHWM only grows: one process per provider. Extra = high-water mark after the step minus
+    # resident memory before it, the gradients and loss it returns included; the inputs are not.
+    request = json.loads(payload)
+    case, cpu = FusedCase(**request["case"]), torch.device("cpu")
+    providers, _ = select(cpu, request["suite"])
+    make = next(p.make for p in providers if p.name == request["provider"])
+    make(make_inputs(replace(case, N=2), cpu))()  # lazy initialisation is not the loss's memory
+    step = make(make_inputs(case, cpu))
+    before = _resident_bytes()
+    result = step()
+    print(max(_high_water_bytes() - before, 0))
+    del result
 
 
 def _time(step, device, suite_name):
@@ -209,6 +283,13 @@ def run_case(case, device, suite_name, notes, label):
             row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms)
             if device.type == "cuda":
                 row["peak_extra_mib"] = cuda_peak_extra_bytes(step) / _MIB
+            elif provider.fresh_process_memory:
+                row["peak_extra_mib"], reason = _cpu_peak_mib(case, provider.name, suite_name)
+                if reason:
+                    notes.append(f"{provider.name}: {reason}")
+            else:
+                notes.append(f"{provider.name}: peak memory not measured on a CPU (a fresh process would compile "
+                             "again)")
         except Exception as exc:  # a provider that cannot run (e.g. out of memory) is reported, not fatal
             row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if not row["check_detail"]:
@@ -244,14 +325,18 @@ def run(suite_name, device, out_dir):
                            f"jsd {case.dtype} N={case.N} Hs={case.Hs} Ht={case.Ht} V={case.V}")
         rows += run_case(case, device, suite_name, notes, label)
     notes = list(dict.fromkeys(notes))
-    if device.type != "cuda":
-        notes.append("peak memory: measured on CUDA only for the fused-linear cases")
     results = {"environment": environment, "suite": suite_name, "notes": notes, "measurements": rows}
     report.write_op(out_dir, "fused_linear", "fused_linear", results,
                     "forward+backward, JSD β=0.5, gradients to the student's hidden states and weight. × gemms: "
-                    "time over the four GEMMs alone (issue 3's target ≤ 1.15× on an H100).", markdown_table(rows))
+                    "time over the four GEMMs alone (issue 3's target ≤ 1.15× on an H100). Peak extra: beyond the "
+                    "inputs, loss and gradients included (CPU: resident memory of a fresh process).",
+                    markdown_table(rows))
     return results
 
 
 def has_mismatch(results):
     return any(r["check"] == "mismatch" for r in results["measurements"])
+
+
+if __name__ == "__main__":
+    _memory_child(sys.argv[1])

@@ -1,6 +1,10 @@
 """Vocab-parallel distillation: each rank holds a slice of the student's and the teacher's lm_head
-(column-parallel, by vocabulary rows) and computes only its slice of the logits; fastkd.kd_loss
-with process_group= gives the loss over the whole vocabulary by exchanging per-row statistics.
+(column-parallel, by vocabulary rows). Two forms, both giving the loss over the whole vocabulary
+by exchanging per-row statistics:
+
+  * fastkd.kd_loss(..., process_group=): this rank computes its slice of the logits itself;
+  * fastkd.fused_linear_kd_loss(..., process_group=): from the hidden states and this rank's lm_head
+    rows, never forming the logits (here with the hard-label term too).
 
     torchrun --nproc-per-node 2 examples/tp_distill.py            # CPU, gloo
     torchrun --nproc-per-node 8 examples/tp_distill.py --cuda     # GPUs, nccl
@@ -59,9 +63,31 @@ def main():
     expected = full_head.grad[rows]
     grad_error = (student_shard.grad - expected).norm() / expected.norm()
 
+    # The fused form: hidden states and this rank's lm_head rows in, no logits formed. grad_hidden
+    # comes back summed over the group (a column-parallel lm_head's input gradient).
+    fused_options = dict(options, hard_weight=0.5)
+    hidden = student_hidden.clone().requires_grad_(True)
+    fused_shard = student_head[rows].clone().requires_grad_(True)
+    # vocab_size (the whole vocabulary, known alike on every rank) sizes the token blocks for the
+    # memory budget; return_entropy gives the student's entropy over the whole vocabulary.
+    fused_parts = fastkd.fused_linear_kd_loss(hidden, fused_shard, teacher_hidden, teacher_head[rows], labels,
+                                              process_group=dist.group.WORLD, vocab_size=args.vocab,
+                                              return_entropy=True, **fused_options)
+    fused_tp = fused_parts.loss
+    fused_tp.backward()
+    full_hidden, fused_full = student_hidden.clone().requires_grad_(True), student_head.clone().requires_grad_(True)
+    fused_one = fastkd.fused_linear_kd_loss(full_hidden, fused_full, teacher_hidden, teacher_head, labels,
+                                            **fused_options)
+    fused_one.backward()
+    fused_error = max((fused_shard.grad - fused_full.grad[rows]).norm() / fused_full.grad[rows].norm(),
+                      (hidden.grad - full_hidden.grad).norm() / full_hidden.grad.norm())
+
     line = (f"rank {rank}/{world}: vocab rows [{rows.start}, {rows.stop}) of {args.vocab}, {args.divergence}: "
             f"TP loss {tp_loss.item():.9f}  one-process loss {one_loss.item():.9f}  "
-            f"grad of this lm_head shard vs its rows of the one-process grad: rel. error {grad_error.item():.1e}")
+            f"grad of this lm_head shard vs its rows of the one-process grad: rel. error {grad_error.item():.1e}\n"
+            f"    fused (+ hard CE): TP loss {fused_tp.item():.9f}  one-process loss {fused_one.item():.9f}  "
+            f"grads (lm_head rows, hidden) rel. error {fused_error.item():.1e}, "
+            f"mean student entropy {fused_parts.entropy[labels != -100].mean().item():.4f}")
     for turn in range(world):  # print in rank order
         if turn == rank:
             print(line, flush=True)

@@ -214,6 +214,19 @@ def safe_weighted(weight, value, new=_fresh):
     return product.masked_fill_(torch.eq(weight, 0, out=new(weight, torch.bool)), 0.0)
 
 
+def kl_and_grad_on_buckets(name, log_p, log_q):
+    """KL per row over buckets (a sparse teacher's top-k entries, and its tail) and the gradient
+    with respect to the buckets' student log-masses through a softmax over the buckets:
+    forward_kl: L = Σ_b p_b (log p_b − log q_b), ∂L/∂s_b = q_b − p_b; reverse_kl:
+    L = Σ_b q_b (log q_b − log p_b), ∂L/∂s_b = q_b (log q_b − log p_b − L). Returns (L (R,), (R, B))."""
+    p, q = log_p.exp(), log_q.exp()
+    if name == "forward_kl":
+        loss = safe_weighted(p, log_p - log_q).sum(-1)
+        return loss, q - p
+    loss = safe_weighted(q, log_q - log_p).sum(-1)
+    return loss, safe_weighted(q, log_q - log_p - loss[:, None])
+
+
 def _kl_terms(a, log_a, log_b, new):
     """a·(log a − log b) element-wise, 0 where a is 0."""
     return safe_weighted(a, torch.sub(log_a, log_b, out=new(log_a)), new)

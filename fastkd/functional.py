@@ -2,17 +2,18 @@
 per op family (the registry), then one custom-op call each."""
 
 import math
+import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import distributed, validation
+from . import distributed, logit_transforms, sparse_inputs, validation
 from .divergences import make_spec
 from .kernels import registry
 from .kernels.fused_linear import block_logits
 from .kernels.layout import as_rows, compute_dtype
-from .kernels.sparse.contract import MISSING_MASS, SPARSE_DIVERGENCES
+from .kernels.sparse.contract import DEFAULT_PAD_ID, MISSING_MASS, SPARSE_DIVERGENCES
 from .ops import fused_linear_kd_rows, fused_linear_kd_weighted, kd_rows, sparse_kd_rows
 from .options import FusedLinearOptions, KDOptions, SparseOptions
 from .reduction import reduce_rows, row_weight
@@ -150,8 +151,13 @@ def sparse_kd_loss(
     *,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
+    beta: Optional[float] = None,
+    student_logit_scale: Optional[float] = None,
+    student_softcap: Optional[float] = None,
     teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
+    teacher_mask: Optional[Tensor] = None,
+    pad_id: Optional[int] = DEFAULT_PAD_ID,
     temperature_squared: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -163,18 +169,29 @@ def sparse_kd_loss(
 
     Args:
         student_logits: (…, V) fp32|fp16|bf16|fp64. Receives the gradient.
-        teacher_indices: (…, k) int, the teacher's top-k token ids per row (distinct, in [0, V)).
-            A row holding an id outside [0, V) gets a NaN loss and NaN gradient (checked on the
-            device, no host synchronisation).
-        teacher_logprobs: (…, k) float, their log-probabilities under the teacher (as stored by
-            offline runs or returned by inference servers).
+        teacher_indices: (…, k) int, the teacher's top-k token ids per row (distinct, in [0, V)),
+            e.g. (B, T, k) next to (B, T, V) logits. A row holding a present id outside [0, V) gets
+            a NaN loss and NaN gradient (checked on the device, no host synchronisation).
+        teacher_logprobs: (…, k) fp32|fp16|bf16|fp64, their log-probabilities under the teacher
+            (as stored by offline runs or returned by inference servers). Math runs in fp32
+            (fp64 if the student or the log-probs are fp64).
         labels: (…) int; rows equal to ``ignore_index`` contribute nothing.
-        divergence: "forward_kl" KL(p‖q) or "reverse_kl" KL(q‖p).
-        missing_mass: "renormalize": both distributions restricted to the top-k support and
-            renormalised there; "tail": the teacher's leftover mass 1 − Σp is one more bucket,
-            compared with the student's mass outside the support (temperature must equal
-            teacher_temperature); when the support is the whole vocabulary there is no tail
-            bucket. See fastkd/kernels/sparse/torch.py.
+        divergence: "forward_kl" KL(p‖q), "reverse_kl" KL(q‖p), "jsd" (with ``beta``, TRL's
+            convention as in :func:`kd_loss`: β·KL(p‖M) + (1−β)·KL(q‖M), M = β·p + (1−β)·q) or
+            "tvd" ½·Σ|p − q|, each over the buckets that ``missing_mass`` defines.
+        beta: JSD mixture weight in [0, 1] (default 0.5; 0 is exactly forward KL, 1 reverse KL).
+        missing_mass: "renormalize": both distributions restricted to the present top-k entries
+            and renormalised there, p̃_i = p_i/Σ_S p, q̃_i = q_i/Σ_S q (no gradient outside S);
+            "tail": k + 1 buckets, the teacher's leftover mass 1 − Σ_S p being one more bucket,
+            compared with the student's mass Σ_{i∉S} q_i outside the support (temperature must
+            equal teacher_temperature); when the support is the whole vocabulary there is no
+            tail bucket, and with k = V every divergence equals :func:`kd_loss`'s. See
+            fastkd/kernels/sparse/torch.py for the formulas and gradients.
+        teacher_mask: (…, k) bool or None: True where an entry is present (ragged k per row).
+        pad_id: entries whose id equals it are absent (default -1, the PAD_ID of fastkd's top-k
+            cache and ignored rows of fused_linear_topk); None: no padding id. Entries with a
+            log-prob of -inf are absent too. A row with no present entry is an ignored row
+            (loss 0, gradient 0, left out of the mean as a row whose label is ignore_index is).
         temperature: the training temperature T: divides the student logits, and the teacher is
             taken at T too.
         teacher_temperature: the temperature T_g the log-probs were computed at (log softmax(z/T_g):
@@ -184,20 +201,25 @@ def sparse_kd_loss(
             exact only for T = T_g, when the stored log-probs already are the teacher at T; for
             T ≠ T_g the leftover mass at T depends on how the mass outside the top-k is spread,
             which the top-k does not say, so that pair raises instead of guessing.
-        validate: also reject repeated ids and positive or NaN log-probs with an error. This reads
-            the tensors on the host (a synchronisation, and a graph break under torch.compile):
-            for debugging data, off by default.
+        validate: also reject present ids outside [0, V), repeated present ids and positive or NaN
+            log-probs with an error. This reads the tensors on the host (a synchronisation, and a
+            graph break under torch.compile): for debugging data, off by default.
         backend: "auto", "torch", "triton" or "native" (see ``fastkd.available_backends()["sparse_kd"]``).
+        student_logit_scale, student_softcap: the student's logits as its model outputs them
+            (scale, then c·tanh(x/c)), before the temperature, as in :func:`kd_loss`; here applied
+            by autograd before the op (one transformed copy of the logits, in their dtype). The
+            teacher's side is its stored log-probs, already as its model computed them.
         The other options are those of :func:`kd_loss`.
     """
     validation.check_logits("student_logits", student_logits)
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
-    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
-    validation.check_flag("validate", validate)
-    validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, student_logits.device,
-                                    validate)
-    teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_logits)
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                        student_softcap)
+    if spec.student_scale != 1.0 or spec.student_softcap > 0:
+        student_logits = logit_transforms.scale_and_cap(student_logits, spec.student_scale, spec.student_softcap)
+    teacher_logprobs = _sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask, pad_id, leading_shape,
+                                       vocab, student_logits, validate, teacher_temperature)
     validation.check_row_options(labels, leading_shape, student_logits.device, ignore_index, reduction, normalizer,
                                  temperature_squared)
     backend = registry.select("sparse_kd", backend, student_logits.device,
@@ -210,7 +232,8 @@ def sparse_kd_loss(
                               teacher_logprobs.reshape(-1, top_k), flat_labels, options)
     if temperature_squared:
         row_loss = row_loss * (spec.temperature ** 2)
-    return reduce_rows(row_loss, leading_shape, reduction, normalizer, flat_labels, ignore_index)
+    counted = rows_with_teacher(flat_labels, teacher_logprobs.reshape(-1, top_k) != -math.inf, ignore_index)
+    return reduce_rows(row_loss, leading_shape, reduction, normalizer, counted, ignore_index)
 
 
 def fused_linear_kd_loss(
@@ -244,12 +267,15 @@ def fused_linear_kd_loss(
     return_entropy: bool = False,
     fp32_logits: Optional[bool] = None,
     backend: str = "auto",
+    process_group=None,
+    grad_hidden_reduction: str = "sum",
 ) -> Union[Tensor, FusedLoss]:
     """Distillation loss from hidden states and lm_head weights, never forming the (N, V) logits.
 
     Per token: ``soft_weight · D(student, teacher) (· T² if temperature_squared) + hard_weight ·
     CE(student logits at T = 1, labels)`` with D any ``kd_loss`` divergence, then reduced as in
-    :func:`kd_loss`. Logits are formed block by block inside the op, by a matmul in the hidden
+    :func:`kd_loss`. The cross-entropy sees the logits as the student model outputs them: after
+    ``student_logit_scale`` and ``student_softcap``, without standardisation or temperature. Logits are formed block by block inside the op, by a matmul in the hidden
     states' dtype: a weight of another dtype (fp32 parameters next to bf16 activations under
     ``torch.autocast``) is cast for the matmul, and its gradient comes back in its own dtype.
 
@@ -275,12 +301,45 @@ def fused_linear_kd_loss(
             logit blocks take twice the memory), off on the CPU, where PyTorch has no such GEMM and
             the weight is upcast chunk by chunk for every token block (several times slower:
             docs/perf-notes.md). No effect on fp32/fp64 inputs.
+        process_group: a ``torch.distributed`` group over which the lm_head is split by vocabulary
+            rows (column-parallel, as Megatron's vocab-parallel lm_head): student_weight (V_r, Hs),
+            teacher_weight (V_r, Ht) and the biases (V_r,) are this rank's contiguous rows (ranks
+            in order, any sizes, the student's and teacher's slices alike); the hidden states and
+            labels (global token ids) are the same on every rank. Per token block the ranks
+            all-reduce per-row statistics only (O(N) bytes per step, independent of V; see
+            fastkd/kernels/fused_linear/vocab_parallel.py); the hard term's label logit comes from
+            the rank that holds it. ``vocab_size`` is then the real size of the whole vocabulary:
+            the padding rows past it sit at the end (the last rank). The loss is over the whole
+            vocabulary, equal on every rank; grad_weight and grad_bias are this rank's rows.
+            The ranks size their token blocks from what they all know alike (N, the group size,
+            ``vocab_size`` or a DTensor head's global rows), so slices of any sizes run the same
+            collectives; give ``vocab_size`` (even with no padding) to size the blocks for the
+            memory budget, else a slice of 65,536 columns is assumed.
+            Every rank calls with the same rows, options and ``requires_grad`` on the student's
+            tensors (they decide which collectives run).
+            ``standardize`` takes the row mean and std over the real vocabulary (padding left out);
+            ``return_entropy`` gives the entropy over the whole vocabulary (one more per-row value
+            all-reduced per block).
+            DTensor weights placed Shard(0) need no group (their mesh gives it; hidden states and
+            labels plain or replicated DTensors) and give a replicated DTensor loss.
+        grad_hidden_reduction: with a process group, "sum" (default): student_hidden's gradient
+            is Σ_r grad_logits_r @ W_r, all-reduced over the group, as the backward of a
+            column-parallel linear with a replicated input gives it; "none": this rank's partial
+            product only, for callers whose own layers reduce it (sequence parallelism, or an input
+            that already passes through Megatron's copy-to-tensor-parallel region).
         The other options are those of :func:`kd_loss`.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or shape (…) for "none"; or a
         FusedLoss with ``return_components``.
     """
+    global_rows = distributed.global_rows(student_weight)
+    sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
+        dict(student_weight=student_weight, student_bias=student_bias, teacher_weight=teacher_weight,
+             teacher_bias=teacher_bias),
+        dict(student_hidden=student_hidden, teacher_hidden=teacher_hidden, labels=labels), process_group)
+    student_weight, student_bias, teacher_weight, teacher_bias = sharded.values()
+    student_hidden, teacher_hidden, labels = replicated.values()
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     validation.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
@@ -292,21 +351,56 @@ def fused_linear_kd_loss(
                          f"student_hidden leading shape {tuple(leading_shape)}")
     if teacher_hidden.device != device:
         raise ValueError(f"student_hidden is on {device} but teacher_hidden is on {teacher_hidden.device}")
-    vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
     spec = make_spec(divergence, temperature, beta, skew, alpha=alpha, student_logit_scale=student_logit_scale,
                      student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
                      teacher_softcap=teacher_softcap, standardize=standardize, standardize_eps=standardize_eps)
-    _check_labels_for(spec, labels, vocab)
-    options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device,
-                             (student_hidden.dtype, teacher_hidden.dtype), fp32_logits, return_entropy)
-
-    student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
-    teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
+    dtypes = (student_hidden.dtype, teacher_hidden.dtype)
+    if process_group is None:
+        if grad_hidden_reduction != "sum":
+            raise ValueError(f"grad_hidden_reduction={grad_hidden_reduction!r} needs a process_group (without one "
+                             f"there is nothing to reduce over)")
+        vocab = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
+        _check_labels_for(spec, labels, vocab)
+        options = _fused_options(spec, "renormalize", ignore_index, hard_weight, "kd_rows", backend, device, dtypes,
+                                 fp32_logits, return_entropy)
+        student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+        teacher_weight, teacher_bias = _first_rows(teacher_weight, teacher_bias, vocab)
+    else:
+        if student_weight.shape[0] != teacher_weight.shape[0]:
+            raise ValueError(f"with process_group, student_weight and teacher_weight must hold the same vocabulary "
+                             f"rows on each rank; got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows "
+                             f"here (pad both to one vocabulary and pass vocab_size=)")
+        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
+                                          "renormalize", ignore_index, hard_weight, backend, device, dtypes,
+                                          fp32_logits, return_entropy, global_rows)
     teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias, None, None)
-    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
+    result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
+                           hard_weight, temperature_squared, reduction, normalizer,
+                           return_components or return_entropy)
+    if as_dtensor is None:
+        return result
+    return as_dtensor(result) if isinstance(result, Tensor) else result._replace(loss=as_dtensor(result.loss))
+
+
+def _vocab_parallel_options(group, vocab_size, grad_hidden_reduction, labels, spec, missing_mass, ignore_index,
+                            hard_weight, backend, device, dtypes, fp32_logits, return_entropy, global_rows):
+    """The FusedLinearOptions of a vocab-parallel call (process_group given), its arguments checked.
+    global_rows: a DTensor head's global row count, or None."""
+    if grad_hidden_reduction not in ("sum", "none"):
+        raise ValueError(f"grad_hidden_reduction must be 'sum' or 'none'; got {grad_hidden_reduction!r}")
+    distributed.check_process_group(group, device)
+    _check_global_vocab_size(vocab_size)
+    # What every rank knows alike of the whole vocabulary sizes the token blocks (vocab_parallel.py).
+    global_vocab = global_rows or vocab_size or -1
+    _check_labels_for(spec, labels, 2)  # this rank sees a slice: dkd's V ≥ 2 holds for the whole
+    parallel = registry.select("fused_linear_vocab_parallel", backend, device, dtypes, spec.features)
+    if fp32_logits is None:
+        fp32_logits = block_logits.default_fp32(device)
+    return FusedLinearOptions(spec, missing_mass, ignore_index, hard_weight != 0, parallel,
+                              parallel if hard_weight != 0 else "", fp32_logits, return_entropy, group.group_name,
+                              -1 if vocab_size is None else vocab_size, grad_hidden_reduction == "sum", global_vocab)
 
 
 def fused_linear_sparse_kd_loss(
@@ -322,8 +416,13 @@ def fused_linear_sparse_kd_loss(
     vocab_size: Optional[int] = None,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
+    beta: Optional[float] = None,
+    student_logit_scale: Optional[float] = None,
+    student_softcap: Optional[float] = None,
     teacher_temperature: float = 1.0,
     missing_mass: str = "renormalize",
+    teacher_mask: Optional[Tensor] = None,
+    pad_id: Optional[int] = DEFAULT_PAD_ID,
     temperature_squared: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -333,39 +432,90 @@ def fused_linear_sparse_kd_loss(
     fp32_logits: Optional[bool] = None,
     validate: bool = False,
     backend: str = "auto",
+    process_group=None,
+    grad_hidden_reduction: str = "sum",
 ) -> Union[Tensor, FusedLoss]:
     """:func:`fused_linear_kd_loss` with a sparse top-k teacher (see :func:`sparse_kd_loss`):
     student logits are formed block by block from ``student_hidden`` (…, Hs) and
     ``student_weight`` (V, Hs); ``vocab_size`` leaves padded weight rows out; ids must be below it.
     ``return_components``, ``return_entropy`` and ``fp32_logits`` (the student's logit blocks) are
-    those of :func:`fused_linear_kd_loss`; ``teacher_temperature`` is that of :func:`sparse_kd_loss`.
-    ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term."""
+    those of :func:`fused_linear_kd_loss`; ``beta``, ``teacher_temperature``, ``teacher_mask`` and
+    ``pad_id`` are those of :func:`sparse_kd_loss`; ``student_logit_scale`` and ``student_softcap``
+    apply to each logit block (and to the hard term, as in :func:`fused_linear_kd_loss`).
+    ``backend`` picks the kernels of the top-k divergence and of the hard (cross-entropy) term.
+    ``process_group`` and ``grad_hidden_reduction``: as for :func:`fused_linear_kd_loss` (this
+    rank's rows of the student's lm_head; DTensor weights placed Shard(0)); the teacher's ids are
+    global, and each rank gathers the student logits of the ids in its slice: one (k, N) all-reduce
+    per step ("tail": + 4 values per token); forward and reverse KL only. ``validate`` then checks
+    ids against ``vocab_size`` only when it is given (no rank knows the whole vocabulary on the host)."""
+    global_rows = distributed.global_rows(student_weight)
+    sharded, replicated, process_group, as_dtensor = distributed.unwrap_sharded_weights(
+        dict(student_weight=student_weight, student_bias=student_bias),
+        dict(student_hidden=student_hidden, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
+             teacher_mask=teacher_mask, labels=labels), process_group)
+    student_weight, student_bias = sharded.values()
+    student_hidden, teacher_indices, teacher_logprobs, teacher_mask, labels = replicated.values()
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
     device = student_hidden.device
     leading_shape = student_hidden.shape[:-1]
-    vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
-    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
-    validation.check_flag("validate", validate)
-    validation.check_sparse_teacher(teacher_indices, teacher_logprobs, leading_shape, vocab, device, validate)
-    teacher_logprobs = _teacher_at_generation(teacher_logprobs, teacher_temperature, student_hidden)
+    if process_group is None:
+        if grad_hidden_reduction != "sum":
+            raise ValueError(f"grad_hidden_reduction={grad_hidden_reduction!r} needs a process_group (without one "
+                             f"there is nothing to reduce over)")
+        vocab = _check_vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
+    else:
+        _check_global_vocab_size(vocab_size)
+        vocab = vocab_size if vocab_size is not None else sys.maxsize
+        if divergence not in ("forward_kl", "reverse_kl"):
+            raise ValueError(f"divergence must be 'forward_kl' or 'reverse_kl' for a top-k teacher with a "
+                             f"process_group; got {divergence!r}")
+    spec = _sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                        student_softcap)
+    teacher_logprobs = _sparse_teacher(teacher_indices, teacher_logprobs, teacher_mask, pad_id, leading_shape,
+                                       vocab, student_hidden, validate, teacher_temperature)
     _check_fused_options(labels, leading_shape, device, ignore_index, reduction, normalizer, temperature_squared,
                          soft_weight, hard_weight, return_components, return_entropy, fp32_logits)
-    options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device,
-                             (student_hidden.dtype, teacher_logprobs.dtype), fp32_logits, return_entropy)
-
-    student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+    dtypes = (student_hidden.dtype, teacher_logprobs.dtype)
+    if process_group is None:
+        options = _fused_options(spec, missing_mass, ignore_index, hard_weight, "sparse_kd", backend, device, dtypes,
+                                 fp32_logits, return_entropy)
+        student_weight, student_bias = _first_rows(student_weight, student_bias, vocab)
+    else:
+        options = _vocab_parallel_options(process_group, vocab_size, grad_hidden_reduction, labels, spec,
+                                          missing_mass, ignore_index, hard_weight, backend, device, dtypes,
+                                          fp32_logits, return_entropy, global_rows)
     top_k = teacher_indices.shape[-1]
     teacher = (None, None, None, teacher_indices.reshape(-1, top_k), teacher_logprobs.reshape(-1, top_k))
-    return _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
-                         hard_weight, temperature_squared, reduction, normalizer, return_components or return_entropy)
+    if hard_weight == 0:  # rows without teacher entries leave the mean (with a hard term their CE counts)
+        labels = rows_with_teacher(labels, teacher_logprobs != -math.inf, ignore_index)
+    result = _fused_linear(student_hidden, student_weight, student_bias, teacher, labels, options, soft_weight,
+                           hard_weight, temperature_squared, reduction, normalizer,
+                           return_components or return_entropy)
+    if as_dtensor is None:
+        return result
+    return as_dtensor(result) if isinstance(result, Tensor) else result._replace(loss=as_dtensor(result.loss))
+
+
+def _check_global_vocab_size(vocab_size):
+    # With a process group the whole vocabulary's size is known on the device only (no host
+    # synchronisation): a vocab_size at or above it masks nothing.
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None; got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1; got {vocab_size}")
 
 
 def _fused_options(spec, missing_mass, ignore_index, hard_weight, soft_family, backend, device, dtypes, fp32_logits,
                    with_entropy):
     """The FusedLinearOptions of a call: the soft family's backend, and the ce family's when there
     is a hard term, each chosen by the registry."""
-    soft_backend = registry.select(soft_family, backend, device, dtypes, spec.features)
+    # A top-k teacher's kernels never see the student's scale and soft-cap: the driver applies them
+    # to each logit block (kernels/fused_linear/driver.py: SparseTeacher).
+    features = spec.features - {"logit_scale", "softcap"} if soft_family == "sparse_kd" else spec.features
+    soft_backend = registry.select(soft_family, backend, device, dtypes, features)
     ce_backend = registry.select("ce", backend, device, dtypes[:1]) if hard_weight != 0 else ""
     if fp32_logits is None:
         fp32_logits = block_logits.default_fp32(device)
@@ -483,13 +633,38 @@ def _teacher_at_generation(logprobs, teacher_temperature, like):
     return logprobs.to(compute_dtype(like, logprobs)) * float(teacher_temperature)
 
 
-def _sparse_spec(divergence, temperature, missing_mass, teacher_temperature=1.0):
+def rows_with_teacher(labels, present, ignore_index):
+    """The labels a reduction counts rows with: ``labels`` (or all rows counted, for None) with
+    ``ignore_index`` where a row has no present teacher entry (present: (…, k) bool), so such a
+    row leaves the mean like an ignored one. No host synchronisation."""
+    has_teacher = present.any(-1)
+    if labels is None:
+        return torch.where(has_teacher, 0, ignore_index)
+    return labels.masked_fill(~has_teacher.reshape(labels.shape), ignore_index)
+
+
+def _sparse_teacher(indices, logprobs, mask, pad_id, leading_shape, vocab, student, validate, teacher_temperature):
+    """Checks a top-k teacher and returns its log-probs as the kernels read them: -inf at absent
+    entries, at the generation temperature (see _teacher_at_generation)."""
+    validation.check_flag("validate", validate)
+    validation.check_sparse_teacher(indices, logprobs, leading_shape, vocab, student.device)
+    sparse_inputs.check_mask(mask, indices)
+    sparse_inputs.check_pad_id(pad_id)
+    logprobs = sparse_inputs.logprobs_with_absent(indices, logprobs, mask, pad_id)
+    if validate:
+        validation.check_sparse_values(indices, logprobs, vocab)
+    return _teacher_at_generation(logprobs, teacher_temperature, student)
+
+
+def _sparse_spec(divergence, temperature, missing_mass, teacher_temperature=1.0, beta=None, student_logit_scale=None,
+                 student_softcap=None):
     if divergence not in SPARSE_DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)} with a sparse teacher; "
                          f"got {divergence!r}")
     if missing_mass not in MISSING_MASS:
         raise ValueError(f"missing_mass must be one of {', '.join(map(repr, MISSING_MASS))}; got {missing_mass!r}")
-    spec = make_spec(divergence, temperature)
+    spec = make_spec(divergence, temperature, beta, student_logit_scale=student_logit_scale,
+                     student_softcap=student_softcap)
     if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float)):
         raise TypeError(f"teacher_temperature must be a Python number; got {type(teacher_temperature).__name__}")
     if not (math.isfinite(teacher_temperature) and teacher_temperature > 0):

@@ -25,19 +25,24 @@ def scale_and_cap(x, scale, softcap):
 
 
 def _centred_and_std(y):
-    """y − mean(y) (R, V) and the row's sample std (R, 1); the sum of squares as a row dot product
-    (one read, no squared temporary)."""
-    centred = torch.sub(y, y.mean(-1, keepdim=True))
+    """y − mean(y) (R, V), the row's sample std (R, 1) and its mean (R, 1); the sum of squares as a
+    row dot product (one read, no squared temporary)."""
+    mean = y.mean(-1, keepdim=True)
+    centred = torch.sub(y, mean)
     sum_squares = torch.linalg.vecdot(centred, centred)[:, None]
-    return centred, sum_squares.div_(max(y.shape[-1] - 1, 1)).sqrt_()
+    return centred, sum_squares.div_(max(y.shape[-1] - 1, 1)).sqrt_(), mean
 
 
-def forward(x, scale, softcap, standardize, eps):
-    """The transformed logits of x (R, V)."""
+def forward(x, scale, softcap, standardize, eps, moments=None):
+    """The transformed logits of x (R, V). With ``standardize``, a list ``moments`` receives the
+    row mean and sample std (R,) of scale_and_cap(x): what the kd_rows forward saves
+    (kernels/logits/contract.py)."""
     y = scale_and_cap(x, scale, softcap)
     if not standardize:
         return y
-    centred, std = _centred_and_std(y)
+    centred, std, mean = _centred_and_std(y)
+    if moments is not None:
+        moments += [mean[:, 0], std[:, 0]]
     return centred.mul_((std + eps).reciprocal_())
 
 
@@ -48,7 +53,7 @@ def backward(x, grad, scale, softcap, standardize, eps):
     ∂L/∂y = (g − mean(g))/(σ + eps) − c·(Σ_j g_j c_j)/((σ + eps)²·(V − 1)·σ), the second term 0
     where σ = 0 (a constant row: σ has no derivative there, and c is 0)."""
     if standardize:
-        centred, std = _centred_and_std(scale_and_cap(x, scale, softcap))
+        centred, std, _ = _centred_and_std(scale_and_cap(x, scale, softcap))
         inv_denominator = (std + eps).reciprocal_()
         dot = torch.linalg.vecdot(grad, centred)[:, None]  # one read of each, no (R, V) temporary
         through_std = torch.where(std > 0, dot * inv_denominator.square() / (std * max(x.shape[-1] - 1, 1)),

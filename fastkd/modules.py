@@ -6,10 +6,12 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from . import functional, ot
+from . import functional, ot, sampled
 from . import ot_validation as ot_checks
 from .divergences import make_spec
 from .functional import FusedLoss, Normalizer
+from .kernels.sparse.contract import DEFAULT_PAD_ID
+from .sparse_inputs import check_pad_id
 from .validation import check_reduction
 
 
@@ -53,19 +55,21 @@ class KDLoss(_LossModule):
 class FusedLinearKDLoss(_LossModule):
     """:func:`fastkd.fused_linear_kd_loss`. ``forward(student_hidden, student_weight, teacher_hidden,
     teacher_weight, labels=None, *, student_bias=None, teacher_bias=None, normalizer=None)``;
-    ``transforms`` as for :class:`KDLoss`."""
+    ``transforms`` as for :class:`KDLoss`; ``process_group`` and ``grad_hidden_reduction`` for an
+    lm_head split by vocabulary rows (see the function)."""
 
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
                  vocab_size: Optional[int] = None, temperature: float = 1.0, beta: Optional[float] = None,
                  skew: float = 0.1, alpha: Optional[float] = None, temperature_squared: bool = False,
                  ignore_index: int = -100, reduction: str = "mean", return_components: bool = False,
                  return_entropy: bool = False, fp32_logits: Optional[bool] = None, backend: str = "auto",
-                 **transforms):
+                 process_group=None, grad_hidden_reduction: str = "sum", **transforms):
         super().__init__(**_spec_options(divergence, temperature, beta, skew, alpha, transforms),
                          soft_weight=soft_weight, hard_weight=hard_weight, vocab_size=vocab_size,
                          temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
                          return_components=return_components, return_entropy=return_entropy,
-                         fp32_logits=fp32_logits, backend=backend)
+                         fp32_logits=fp32_logits, backend=backend, process_group=process_group,
+                         grad_hidden_reduction=grad_hidden_reduction)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
@@ -77,44 +81,104 @@ class FusedLinearKDLoss(_LossModule):
 
 class SparseKDLoss(_LossModule):
     """:func:`fastkd.sparse_kd_loss`. ``forward(student_logits, teacher_indices, teacher_logprobs,
-    labels=None, *, normalizer=None)``."""
+    labels=None, *, teacher_mask=None, normalizer=None)``."""
 
-    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, teacher_temperature: float = 1.0,
-                 missing_mass: str = "renormalize", temperature_squared: bool = False, ignore_index: int = -100,
+    def __init__(self, divergence: str = "forward_kl", *, temperature: float = 1.0, beta: Optional[float] = None,
+                 student_logit_scale: Optional[float] = None, student_softcap: Optional[float] = None,
+                 teacher_temperature: float = 1.0, missing_mass: str = "renormalize",
+                 pad_id: Optional[int] = DEFAULT_PAD_ID, temperature_squared: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", validate: bool = False, backend: str = "auto"):
-        super().__init__(divergence=divergence, temperature=temperature, teacher_temperature=teacher_temperature,
-                         missing_mass=missing_mass, temperature_squared=temperature_squared,
-                         ignore_index=ignore_index, reduction=reduction, validate=validate, backend=backend)
-        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
+        super().__init__(divergence=divergence, temperature=temperature, beta=beta,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                         teacher_temperature=teacher_temperature, missing_mass=missing_mass, pad_id=pad_id,
+                         temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
+                         validate=validate, backend=backend)
+        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                                student_softcap)
 
     def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
-                labels: Optional[Tensor] = None, *, normalizer: Normalizer = None) -> Tensor:
+                labels: Optional[Tensor] = None, *, teacher_mask: Optional[Tensor] = None,
+                normalizer: Normalizer = None) -> Tensor:
         return functional.sparse_kd_loss(student_logits, teacher_indices, teacher_logprobs, labels,
-                                         normalizer=normalizer, **self.options)
+                                         teacher_mask=teacher_mask, normalizer=normalizer, **self.options)
 
 
 class FusedLinearSparseKDLoss(_LossModule):
     """:func:`fastkd.fused_linear_sparse_kd_loss`. ``forward(student_hidden, student_weight,
-    teacher_indices, teacher_logprobs, labels=None, *, student_bias=None, normalizer=None)``."""
+    teacher_indices, teacher_logprobs, labels=None, *, student_bias=None, teacher_mask=None,
+    normalizer=None)``; ``process_group`` and ``grad_hidden_reduction`` for a student lm_head split by
+    vocabulary rows."""
 
     def __init__(self, divergence: str = "forward_kl", *, soft_weight: float = 1.0, hard_weight: float = 0.0,
-                 vocab_size: Optional[int] = None, temperature: float = 1.0, teacher_temperature: float = 1.0,
-                 missing_mass: str = "renormalize", temperature_squared: bool = False, ignore_index: int = -100,
+                 vocab_size: Optional[int] = None, temperature: float = 1.0, beta: Optional[float] = None,
+                 student_logit_scale: Optional[float] = None, student_softcap: Optional[float] = None,
+                 teacher_temperature: float = 1.0, missing_mass: str = "renormalize",
+                 pad_id: Optional[int] = DEFAULT_PAD_ID, temperature_squared: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", return_components: bool = False, return_entropy: bool = False,
-                 fp32_logits: Optional[bool] = None, validate: bool = False, backend: str = "auto"):
+                 fp32_logits: Optional[bool] = None, validate: bool = False, backend: str = "auto",
+                 process_group=None, grad_hidden_reduction: str = "sum"):
         super().__init__(divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
-                         vocab_size=vocab_size, temperature=temperature, teacher_temperature=teacher_temperature,
-                         missing_mass=missing_mass, temperature_squared=temperature_squared,
-                         ignore_index=ignore_index, reduction=reduction, return_components=return_components,
-                         return_entropy=return_entropy, fp32_logits=fp32_logits, validate=validate, backend=backend)
-        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature)
+                         vocab_size=vocab_size, temperature=temperature, beta=beta,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                         teacher_temperature=teacher_temperature, missing_mass=missing_mass, pad_id=pad_id,
+                         temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
+                         return_components=return_components, return_entropy=return_entropy,
+                         fp32_logits=fp32_logits, validate=validate, backend=backend,
+                         process_group=process_group, grad_hidden_reduction=grad_hidden_reduction)
+        functional._sparse_spec(divergence, temperature, missing_mass, teacher_temperature, beta, student_logit_scale,
+                                student_softcap)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_indices: Tensor,
                 teacher_logprobs: Tensor, labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
-                normalizer: Normalizer = None) -> Union[Tensor, FusedLoss]:
+                teacher_mask: Optional[Tensor] = None, normalizer: Normalizer = None) -> Union[Tensor, FusedLoss]:
         return functional.fused_linear_sparse_kd_loss(student_hidden, student_weight, teacher_indices,
                                                       teacher_logprobs, labels, student_bias=student_bias,
-                                                      normalizer=normalizer, **self.options)
+                                                      teacher_mask=teacher_mask, normalizer=normalizer,
+                                                      **self.options)
+
+
+class SampledKDLoss(_LossModule):
+    """:func:`fastkd.sampled_kd_loss`. ``forward(student_logits, sampled_ids, sample_weights,
+    labels=None, *, teacher_mask=None, normalizer=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, num_samples: Optional[float] = None,
+                 pad_id: Optional[int] = DEFAULT_PAD_ID, temperature_squared: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean", validate: bool = False, backend: str = "auto"):
+        super().__init__(temperature=temperature, num_samples=num_samples, pad_id=pad_id,
+                         temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
+                         validate=validate, backend=backend)
+        _check_sampled_options(temperature, num_samples, pad_id)
+
+    def forward(self, student_logits: Tensor, sampled_ids: Tensor, sample_weights: Tensor,
+                labels: Optional[Tensor] = None, *, teacher_mask: Optional[Tensor] = None,
+                normalizer: Normalizer = None) -> Tensor:
+        return sampled.sampled_kd_loss(student_logits, sampled_ids, sample_weights, labels, teacher_mask=teacher_mask,
+                                       normalizer=normalizer, **self.options)
+
+
+class FusedLinearSampledKDLoss(_LossModule):
+    """:func:`fastkd.fused_linear_sampled_kd_loss`. ``forward(student_hidden, student_weight,
+    sampled_ids, sample_weights, labels=None, *, student_bias=None, teacher_mask=None,
+    normalizer=None)``."""
+
+    def __init__(self, *, soft_weight: float = 1.0, hard_weight: float = 0.0, vocab_size: Optional[int] = None,
+                 temperature: float = 1.0, num_samples: Optional[float] = None,
+                 pad_id: Optional[int] = DEFAULT_PAD_ID, temperature_squared: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean", return_components: bool = False, return_entropy: bool = False,
+                 fp32_logits: Optional[bool] = None, validate: bool = False, backend: str = "auto"):
+        super().__init__(soft_weight=soft_weight, hard_weight=hard_weight, vocab_size=vocab_size,
+                         temperature=temperature, num_samples=num_samples, pad_id=pad_id,
+                         temperature_squared=temperature_squared, ignore_index=ignore_index, reduction=reduction,
+                         return_components=return_components, return_entropy=return_entropy,
+                         fp32_logits=fp32_logits, validate=validate, backend=backend)
+        _check_sampled_options(temperature, num_samples, pad_id)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, sampled_ids: Tensor, sample_weights: Tensor,
+                labels: Optional[Tensor] = None, *, student_bias: Optional[Tensor] = None,
+                teacher_mask: Optional[Tensor] = None, normalizer: Normalizer = None) -> Union[Tensor, FusedLoss]:
+        return sampled.fused_linear_sampled_kd_loss(student_hidden, student_weight, sampled_ids, sample_weights,
+                                                    labels, student_bias=student_bias, teacher_mask=teacher_mask,
+                                                    normalizer=normalizer, **self.options)
 
 
 class WassersteinKDLoss(_LossModule):
@@ -157,6 +221,12 @@ class ULDLoss(_LossModule):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return ot.uld_loss(student_logits, teacher_logits, labels, **self.options)
+
+
+def _check_sampled_options(temperature, num_samples, pad_id):
+    make_spec("forward_kl", temperature)
+    sampled._sample_count(num_samples)
+    check_pad_id(pad_id)
 
 
 def _check_ot_options(temperature, eps, max_iter, grad, gemm_precision):

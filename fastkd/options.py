@@ -39,6 +39,16 @@ class SparseOptions:
 
 
 @dataclass(frozen=True)
+class SampledOptions:
+    """sampled_kd: cross-entropy against a teacher known through sampled ids and weights."""
+
+    spec: DivergenceSpec
+    sample_count: float  # ≤ 0: each row normalised by the sum of its weights
+    ignore_index: int
+    backend: str
+
+
+@dataclass(frozen=True)
 class FusedLinearOptions:
     """The fused linear losses: the soft term (a kd_rows divergence with a dense teacher, a sparse_kd
     one with a top-k teacher) and the optional hard cross-entropy term, each on its own backend."""
@@ -51,6 +61,15 @@ class FusedLinearOptions:
     ce_backend: str  # "" without the hard term
     fp32_logits: bool = False  # fp16/bf16 logit blocks kept in fp32 (kernels/fused_linear/block_logits.py)
     with_entropy: bool = False  # also the student's per-row entropy at temperature T
+    # Vocab-parallel (kernels/fused_linear/vocab_parallel.py): the group's name ("" for none), the real
+    # vocabulary size for padded weights (-1: no padding), whether grad_hidden is summed over the group,
+    # and the whole vocabulary's size as every rank knows it (-1: unknown), which sizes the token blocks.
+    group_name: str = ""
+    vocab_limit: int = -1
+    sum_grad_hidden: bool = True
+    global_vocab: int = -1
+    sampled: bool = False  # the sparse teacher is sampled ids and weights (the sampled_kd family)
+    sample_count: float = 0.0  # sampled_kd's normalisation (SampledOptions)
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,10 @@ class TopKSequence(NamedTuple):
 class TopKBatch(NamedTuple):
     """Sequences padded to one length T: indices (B, T, k) int64, logprobs (B, T, k), mask (B, T, k).
 
-    Pass ``indices`` and ``logprobs`` to :func:`fastkd.sparse_kd_loss` with student logits
-    (B, T, V), and ``teacher_temperature=cache.temperature``. The sparse losses take no mask: a
-    row with an absent entry (padding, or fewer than k stored) must be ignored through its label,
-    e.g. ``labels.masked_fill(~batch.complete_rows, -100)``, or its loss is NaN."""
+    Pass ``indices``, ``logprobs`` and ``teacher_mask=mask`` to :func:`fastkd.sparse_kd_loss` with
+    student logits (B, T, V), and ``teacher_temperature=cache.temperature``. Absent entries (id
+    PAD_ID, log-prob -inf) are left out of the row's support even without the mask (the sparse
+    losses' default ``pad_id`` is PAD_ID); a row with none present (padding) is an ignored row."""
 
     indices: Tensor
     logprobs: Tensor

@@ -1,6 +1,6 @@
 """Argument checks shared by the public functions. Each raises before any kernel runs and names
 the argument at fault. None of them reads tensor data (no host synchronisation), except
-``check_sparse_teacher`` with the opt-in ``validate=True``, which says so."""
+``check_sparse_values`` and ``check_sampled_values``, run only for the opt-in ``validate=True``."""
 
 import torch
 
@@ -119,37 +119,64 @@ def check_finite_number(name, value):
         raise ValueError(f"{name} must be finite; got {value}")
 
 
-def check_sparse_teacher(indices, logprobs, leading_shape, vocab, device, validate):
-    """Top-k teacher: ids (…, k) and log-probabilities (…, k) for the rows of shape ``leading_shape``.
-
-    With ``validate``, also reads the ids and log-probs (one host synchronisation) to reject ids
-    outside [0, vocab), repeated ids in a row, NaN or positive log-probabilities."""
+def check_sparse_teacher(indices, values, leading_shape, vocab, device, values_name="teacher_logprobs",
+                         indices_name="teacher_indices", sampled=False):
+    """Sparse teacher: ids (…, k) and their values (…, k) for the rows of shape ``leading_shape``:
+    types, shapes and devices only (no tensor value is read). ``sampled``: the values may be
+    integer counts and k may exceed V (draws with replacement)."""
     if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"teacher_indices must be a torch.Tensor; got {type(indices).__name__}")
+        raise TypeError(f"{indices_name} must be a torch.Tensor; got {type(indices).__name__}")
     if indices.dtype not in _INT_DTYPES:
-        raise TypeError(f"teacher_indices must be an integer tensor of token ids; got {indices.dtype}")
-    if not isinstance(logprobs, torch.Tensor):
-        raise TypeError(f"teacher_logprobs must be a torch.Tensor; got {type(logprobs).__name__}")
-    if logprobs.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"teacher_logprobs must be a floating-point tensor; got {logprobs.dtype}")
+        raise TypeError(f"{indices_name} must be an integer tensor of token ids; got {indices.dtype}")
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{values_name} must be a torch.Tensor; got {type(values).__name__}")
+    if values.dtype not in _FLOAT_DTYPES and not (sampled and values.dtype in _INT_DTYPES):
+        kinds = "a floating-point or integer" if sampled else "a floating-point"
+        raise TypeError(f"{values_name} must be {kinds} tensor; got {values.dtype}")
     if indices.dim() != len(leading_shape) + 1 or indices.shape[:-1] != leading_shape:
-        raise ValueError(f"teacher_indices must have shape (*{tuple(leading_shape)}, k); got {tuple(indices.shape)}")
-    if logprobs.shape != indices.shape:
-        raise ValueError(f"teacher_logprobs shape {tuple(logprobs.shape)} does not match teacher_indices shape "
+        raise ValueError(f"{indices_name} must have shape (*{tuple(leading_shape)}, k); got {tuple(indices.shape)}")
+    if values.shape != indices.shape:
+        raise ValueError(f"{values_name} shape {tuple(values.shape)} does not match {indices_name} shape "
                          f"{tuple(indices.shape)}")
     top_k = indices.shape[-1]
-    if not 1 <= top_k <= vocab:
-        raise ValueError(f"teacher_indices has k={top_k} entries per row; k must lie in [1, V={vocab}]")
-    for name, tensor in (("teacher_indices", indices), ("teacher_logprobs", logprobs)):
+    if top_k < 1 or (not sampled and top_k > vocab):
+        bound = f"[1, V={vocab}]" if not sampled else "≥ 1"
+        raise ValueError(f"{indices_name} has k={top_k} entries per row; k must lie in {bound}")
+    for name, tensor in ((indices_name, indices), (values_name, values)):
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but the student is on {device}")
-    if not validate or indices.numel() == 0:
+
+
+def check_sparse_values(indices, logprobs, vocab):
+    """The opt-in ``validate=True`` of the sparse losses: reads the ids and log-probs (one host
+    synchronisation) to reject present ids outside [0, vocab), ids repeated among a row's present
+    entries, NaN or positive log-probabilities. Absent entries (log-prob -inf) are not checked."""
+    if indices.numel() == 0:
         return
-    if bool(indices.min() < 0) or bool(indices.max() >= vocab):
-        raise ValueError(f"teacher_indices holds token ids outside [0, {vocab}): min {int(indices.min())}, "
-                         f"max {int(indices.max())}")
-    ordered = indices.sort(dim=-1).values
+    present = logprobs != float("-inf")
+    outside = present & ((indices < 0) | (indices >= vocab))
+    if bool(outside.any()):
+        bad = indices[outside]
+        raise ValueError(f"teacher_indices holds token ids outside [0, {vocab}): min {int(bad.min())}, "
+                         f"max {int(bad.max())} (absent entries may hold any id: mask them or use pad_id)")
+    ordered = torch.where(present, indices.long(), -1 - torch.arange(indices.shape[-1], device=indices.device))
+    ordered = ordered.sort(dim=-1).values
     if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
         raise ValueError("teacher_indices repeats a token id within a row; each row's top-k ids must be distinct")
     if bool(torch.isnan(logprobs).any()) or bool((logprobs > 1e-3).any()):
         raise ValueError("teacher_logprobs must be log-probabilities (≤ 0, no NaN)")
+
+
+def check_sampled_values(indices, weights, vocab):
+    """The opt-in ``validate=True`` of the sampled losses: reads the ids and weights (one host
+    synchronisation) to reject present ids (weight ≠ 0) outside [0, vocab) and negative or
+    non-finite weights. Repeated ids are legal: draws with replacement."""
+    if indices.numel() == 0:
+        return
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("sample_weights must be finite and ≥ 0 (counts or importance weights)")
+    outside = (weights != 0) & ((indices < 0) | (indices >= vocab))
+    if bool(outside.any()):
+        bad = indices[outside]
+        raise ValueError(f"sampled_ids holds token ids outside [0, {vocab}): min {int(bad.min())}, "
+                         f"max {int(bad.max())}")

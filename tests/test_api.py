@@ -44,6 +44,10 @@ def _every_loss(device):
                                                                      labels.reshape(6))),
         ("fused_linear_sparse_kd_loss", lambda: fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs,
                                                                                    labels.reshape(6))),
+        ("sampled_kd_loss", lambda: fastkd.sampled_kd_loss(s.reshape(6, V), indices, logprobs.exp(),
+                                                           labels.reshape(6))),
+        ("fused_linear_sampled_kd_loss", lambda: fastkd.fused_linear_sampled_kd_loss(
+            hidden, weight, indices, logprobs.exp(), labels.reshape(6))),
         ("sinkhorn", lambda: fastkd.sinkhorn(cost.requires_grad_(True), max_iter=5).value),
         ("wasserstein_kd_loss", lambda: fastkd.wasserstein_kd_loss(s, t, labels.clamp(min=0), cost=cost)),
         ("sinkhorn_kd_loss", lambda: fastkd.sinkhorn_kd_loss(s, t, labels)),
@@ -84,6 +88,9 @@ def test_labels_are_the_third_argument_everywhere():
     for function in (fastkd.sparse_kd_loss, fastkd.fused_linear_sparse_kd_loss):
         names = [p.name for p in inspect.signature(function).parameters.values()]
         assert names.index("labels") == names.index("teacher_logprobs") + 1
+    for function in (fastkd.sampled_kd_loss, fastkd.fused_linear_sampled_kd_loss):
+        names = [p.name for p in inspect.signature(function).parameters.values()]
+        assert names.index("labels") == names.index("sample_weights") + 1
 
 
 def test_modules_take_labels_third_and_normalizer_by_keyword():

@@ -135,6 +135,32 @@ def test_fused_linear_with_a_gemma_style_softcap(reduction):
     assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("backend", _backends("logit_scale", "softcap"))
+@pytest.mark.parametrize("scale,cap", [(0.5, None), (2.0, 30.0), (1.0, 5.0)])
+def test_fused_hard_term_sees_the_model_logits(backend, scale, cap):
+    # The hard cross-entropy is the model's own loss: on scale·x, soft-capped, as the model outputs
+    # them (a Gemma or Granite student), never on the raw lm_head product.
+    hidden = (torch.randn(23, 16, device=DEVICE) * 3).requires_grad_(True)
+    weight = (torch.randn(101, 16, device=DEVICE) * 3).requires_grad_(True)
+    teacher_hidden, teacher_weight = torch.randn(23, 12, device=DEVICE), torch.randn(101, 12, device=DEVICE)
+    labels = torch.randint(0, 101, (23,), device=DEVICE)
+    labels[::4] = -100
+    loss = fastkd.fused_linear_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, hard_weight=0.7,
+                                       soft_weight=0.4, temperature=2.0, student_logit_scale=scale,
+                                       student_softcap=cap, backend=backend)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    leaves = [hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)]
+    student = capped(leaves[0] @ leaves[1].t(), scale, cap)
+    teacher = teacher_hidden.double() @ teacher_weight.double().t()
+    active = labels != -100
+    soft = torch.where(active, row_losses("forward_kl", student, teacher, 2.0), 0.0).sum() / active.sum()
+    hard = torch.nn.functional.cross_entropy(student, labels, ignore_index=-100)
+    ref = 0.4 * soft + 0.7 * hard
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert rel_err(loss, ref) < 2e-5
+    assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
+
+
 @pytest.mark.parametrize("call,error,words", [
     (lambda s, t: fastkd.kd_loss(s, t, student_softcap=0.0), ValueError, "student_softcap"),
     (lambda s, t: fastkd.kd_loss(s, t, teacher_logit_scale=-1.0), ValueError, "teacher_logit_scale"),
@@ -156,3 +182,42 @@ def test_a_side_without_transforms_keeps_its_logits(backend):
     assert torch.equal(teacher, kept)
     ref = row_losses("forward_kl", capped(student.double(), 1.0, 5.0), teacher.double(), 2.0).mean()
     assert rel_err(loss, ref) < 1e-5
+
+
+@pytest.mark.parametrize("missing_mass", ["renormalize", "tail"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_sparse_teacher_with_a_soft_capped_scaled_student(divergence, missing_mass):
+    # A Gemma-style student (cap 30) against stored top-k log-probs, logits of ±100: the cap must
+    # reach the sparse losses, unfused (sparse_kd_loss) and fused (every logit block), hard term too.
+    from reference import sparse_rows
+
+    n, hidden_size, vocab, top_k = 13, 16, 97, 7
+    hidden = (torch.randn(n, hidden_size, device=DEVICE) * 4).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, device=DEVICE) * 4).requires_grad_(True)
+    teacher = torch.randn(n, vocab, dtype=torch.float64, device=DEVICE) * 3
+    logprobs, indices = torch.log_softmax(teacher, -1).topk(top_k, -1)
+    labels = torch.randint(0, vocab, (n,), device=DEVICE)
+    labels[::5] = -100
+    options = dict(divergence=divergence, missing_mass=missing_mass, student_logit_scale=0.7, student_softcap=30.0)
+    leaves = [hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)]
+    student = capped(leaves[0] @ leaves[1].t(), 0.7, 30.0)
+    active = labels != -100
+    soft = torch.where(active, sparse_rows(student, indices, logprobs, divergence, 1.0, missing_mass), 0.0)
+    soft = soft.sum() / active.sum()
+
+    logits = (hidden @ weight.t()).detach().requires_grad_(True)
+    loss = fastkd.sparse_kd_loss(logits, indices, logprobs.float(), labels, **options)
+    (grad,) = torch.autograd.grad(loss, logits)
+    raw = (leaves[0] @ leaves[1].t()).detach().requires_grad_(True)
+    (ref_logit_grad,) = torch.autograd.grad(
+        torch.where(active, sparse_rows(capped(raw, 0.7, 30.0), indices, logprobs, divergence, 1.0, missing_mass),
+                    0.0).sum() / active.sum(), raw)
+    assert rel_err(loss, soft) < 2e-5 and rel_err(grad, ref_logit_grad) < 2e-5
+
+    fused = fastkd.fused_linear_sparse_kd_loss(hidden, weight, indices, logprobs.float(), labels, hard_weight=0.3,
+                                               **options)
+    grads = torch.autograd.grad(fused, (hidden, weight))
+    ref = soft + 0.3 * torch.nn.functional.cross_entropy(student, labels, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert rel_err(fused, ref) < 2e-5
+    assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))

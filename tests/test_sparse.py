@@ -89,7 +89,7 @@ BAD = [
      ["teacher_indices must have shape"]),
     (dict(teacher_logprobs=torch.full((3, 2), 0.5), validate=True), ValueError, ["log-probabilities"]),
     (dict(validate=1), TypeError, ["validate", "bool"]),
-    (dict(divergence="jsd"), ValueError, ["forward_kl", "reverse_kl", "sparse"]),
+    (dict(divergence="skew_forward_kl"), ValueError, ["forward_kl", "reverse_kl", "jsd", "tvd", "sparse"]),
     (dict(missing_mass="drop"), ValueError, ["missing_mass", "'renormalize'", "'tail'"]),
     (dict(missing_mass="tail", temperature=2.0), ValueError, ["missing_mass='tail'", "temperature=1"]),
     (dict(student_logits=torch.randn(3, 11, dtype=torch.float64), backend="native"), ValueError,
@@ -153,7 +153,7 @@ def test_ids_out_of_range_make_their_row_nan_without_a_sync(backend):
     # The default path reads no tensor value on the host: a bad id cannot raise, so its row (and
     # only its row) becomes NaN, loss and gradient.
     student = torch.randn(3, 11, device=DEVICE, requires_grad=True)
-    indices = torch.tensor([[0, 1], [4, 11], [2, -1]], device=DEVICE)
+    indices = torch.tensor([[0, 1], [4, 11], [2, -2]], device=DEVICE)  # -1 is the padding id
     logprobs = torch.log(torch.full((3, 2), 0.4, device=DEVICE))
     loss = fastkd.sparse_kd_loss(student, indices, logprobs, reduction="none", backend=backend)
     (grad,) = torch.autograd.grad(loss.sum(), student)

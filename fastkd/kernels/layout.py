@@ -62,3 +62,11 @@ def rows_slice(x, start, stop):
         return x.view(-1, x.shape[-1])[start:stop]
     index = torch.arange(start, stop, device=x.device)
     return x[index // x.shape[1], index % x.shape[1]]  # gathers this chunk only
+
+
+def clamped_ids(indices, present, vocab):
+    """Token ids of sparse teachers (R, k), as gathers need them: int64, clamped into [0, V) (absent
+    entries' ids are arbitrary, and clamping keeps every gather in bounds), and per row whether a
+    present entry holds an id outside [0, V) (R,) bool, for the kernels to make that row NaN."""
+    bad_row = (present & ((indices < 0) | (indices >= vocab))).any(-1)
+    return indices.long().clamp(0, max(vocab - 1, 0)), bad_row

@@ -38,7 +38,10 @@ FAMILIES = {
     "kl_div": "torch.nn.KLDivLoss terms (compat.kl_div)",
     "ce": "hard-label cross-entropy rows (hard_weight of the fused losses)",
     "kd_rows_vocab_parallel": "kd_loss over a vocabulary split across a process group (process_group=)",
+    "fused_linear_vocab_parallel": "the fused linear loss with lm_head rows split across a process group "
+                                   "(fused_linear_kd_loss(process_group=))",
     "sparse_kd": "divergences against a top-k teacher",
+    "sampled_kd": "cross-entropy against sampled teacher ids (random-sampling KD)",
     "sinkhorn": "the batched Sinkhorn forward",
     "sinkhorn_backward": "the Sinkhorn gradients",
     "topk": "a teacher's top-k log-probabilities from hidden states (fused_linear_topk)",
@@ -83,14 +86,16 @@ _GEMM_NOTE = ("only for one (n, m) cost shared by every problem, with the cost's
               "compute dtype's exponent range; auto takes it from B·n·m ≥ 2^15 and otherwise keeps the "
               "log-domain kernels")
 _TORCH_SPARSE = "fastkd.kernels.sparse.torch"
+_TORCH_SAMPLED = "fastkd.kernels.sampled.torch"
 
 # Priorities (docs/perf-notes.md): on a GPU Triton first, the CUDA C++ kernels next (not yet timed
 # on a GPU); on the CPU the C++ kernels beat the torch backend and eager PyTorch (2026-11-22:
 # forward_kl 175 vs 505 vs 905 ms, jsd 368 vs 1120 vs 2885 ms at N=2048, V=32000 fp32, fwd+bwd).
 # Triton on the CPU is its interpreter: for tests, never chosen by "auto".
 ROWS = (
-    Implementation("kd_rows", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton"),
-    Implementation("kd_rows", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton"),
+    # Every feature, as constexpr flags of the same kernels (kernels/logits/triton_transforms.py).
+    Implementation("kd_rows", "triton", ("cuda",), _FLOATS, 30, f"{_LOGITS}.triton", features=FEATURES),
+    Implementation("kd_rows", "triton", ("cpu",), _FLOATS, 0, f"{_LOGITS}.triton", features=FEATURES),
     # dkd: csrc/logits/dkd_cpu.cpp (one pass forward, one backward). The logit transforms: a template
     # flag (the plain path unchanged); standardize adds one moments pass forward and one write pass
     # backward (docs/csrc.md).
@@ -114,12 +119,21 @@ ROWS = (
 
     Implementation("kd_rows_vocab_parallel", "torch", None, _ALL_FLOATS, 10, "fastkd.distributed",
                    features=FEATURES),
+    # The block GEMMs as on one device; the per-row statistics of each block all-reduced (torch ops).
+    Implementation("fused_linear_vocab_parallel", "torch", None, _ALL_FLOATS, 10,
+                   "fastkd.kernels.fused_linear.vocab_parallel", features=FEATURES),
 
     Implementation("sparse_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SPARSE),
     Implementation("sparse_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SPARSE,
                    note="the torch implementation: there is no Triton sparse-teacher kernel"),
     Implementation("sparse_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SPARSE,
                    note="the torch implementation: fastkd._C has no sparse-teacher kernel"),
+
+    Implementation("sampled_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SAMPLED),
+    Implementation("sampled_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SAMPLED,
+                   note="the torch implementation: there is no Triton sampled-teacher kernel"),
+    Implementation("sampled_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SAMPLED,
+                   note="the torch implementation: fastkd._C has no sampled-teacher kernel"),
 
     # The scaling-domain solver for a shared cost: one GEMM per half-iteration for the whole batch.
     # First wherever its condition (sinkhorn/gemm.py: shared cost, exact domain, large enough) holds:

@@ -4,9 +4,10 @@ fake implementation and autograd, and calls the kernels of the backend its optio
 from .fused_linear import fused_linear_kd_rows, fused_linear_kd_weighted
 from .kd_rows import kd_rows
 from .kl_div_rows import kl_div_rows
+from .sampled_kd import sampled_kd_rows
 from .sinkhorn import sinkhorn
 from .sparse_kd import sparse_kd_rows
 from .topk import linear_topk
 
 __all__ = ["fused_linear_kd_rows", "fused_linear_kd_weighted", "kd_rows", "kl_div_rows", "linear_topk",
-           "sinkhorn", "sparse_kd_rows"]
+           "sampled_kd_rows", "sinkhorn", "sparse_kd_rows"]

@@ -7,7 +7,8 @@ Two forms share the block driver (kernels/fused_linear/driver.py):
   * ``fused_linear_kd_rows``: per-row losses (reduction="none"). An arbitrary grad_output is only
     known in the backward, which recomputes the logit blocks (two more GEMMs).
 The teacher is dense (teacher_hidden, teacher_weight, teacher_bias) or sparse (teacher_indices,
-teacher_logprobs); the other teacher tensors are None. Both also return the student's entropy per
+teacher_logprobs; or, with options.sampled, sampled ids and their weights in those two slots); the other
+teacher tensors are None. Both also return the student's entropy per
 row when options.with_entropy (else an empty tensor): a logged value, without a gradient.
 """
 
@@ -30,6 +31,8 @@ def _run(tensors, options, soft_scale=None, hard_scale=None, need=(False, False,
      teacher_indices, teacher_logprobs, labels) = tensors
     if teacher_indices is None:
         teacher = driver.DenseTeacher(teacher_hidden, teacher_weight, teacher_bias)
+    elif options.sampled:  # teacher_logprobs holds the sampled ids' weights
+        teacher = driver.SampledTeacher(teacher_indices, teacher_logprobs)
     else:
         teacher = driver.SparseTeacher(teacher_indices, teacher_logprobs)
     return driver.run(student_hidden, student_weight, student_bias, teacher, labels, options, soft_scale,

@@ -1,7 +1,7 @@
 """Custom ops of the kd_rows family: schema, fake impl, autograd; no kernel choice here.
 
-``fastkd::kd_rows`` returns the per-row loss plus the (N, 5) statistics its backward needs
-(kernels/logits/contract.py); ``fastkd::kd_rows_backward`` recomputes p and q from them and
+``fastkd::kd_rows`` returns the per-row loss plus the statistics its backward needs ((N, 5); (N, 9)
+with ``standardize``: kernels/logits/contract.py); ``fastkd::kd_rows_backward`` recomputes p and q from them and
 writes ∂/∂student. Reductions, T² and normalisation happen outside, in plain differentiable torch
 code on (N,) tensors.
 """
@@ -12,7 +12,7 @@ import torch
 
 from ..kernels import registry
 from ..kernels.layout import compute_dtype
-from ..kernels.logits.contract import n_stats
+from ..kernels.logits.contract import stats_width
 from ..options import KDOptions
 from .schema import define, flatten, no_gradients, unflatten
 
@@ -24,7 +24,7 @@ def _kernels(options, tensor):
 @define("kd_rows", "Tensor student, Tensor teacher, Tensor? labels", KDOptions, "(Tensor, Tensor)")
 def _kd_rows(student, teacher, labels, *values):
     """student, teacher: (N, V) or (B, T, V); labels: (N,) or None, N the number of rows.
-    Returns (loss (N,), stats (N, 5), or (N, 9) with standardize) in the compute dtype."""
+    Returns (loss (N,), stats (N, contract.stats_width(spec))) in the compute dtype."""
     options, _ = unflatten(KDOptions, values)
     return _kernels(options, student).kd_rows_forward(student, teacher, labels, options.spec, options.ignore_index)
 
@@ -34,7 +34,8 @@ def _kd_rows_fake(student, teacher, labels, *values):
     options, _ = unflatten(KDOptions, values)
     dtype = compute_dtype(student, teacher)
     n_rows = math.prod(student.shape[:-1])
-    return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, n_stats(options.spec), dtype=dtype)
+    stats = student.new_empty(n_rows, stats_width(options.spec), dtype=dtype)
+    return student.new_empty(n_rows, dtype=dtype), stats
 
 
 @define("kd_rows_backward", "Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats",
@@ -71,5 +72,5 @@ _kd_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 def kd_rows(student, teacher, labels, options):
-    """Per-row divergence of (N, V) or (B, T, V) logits: (loss (N,), stats (N, 5))."""
+    """Per-row divergence of (N, V) or (B, T, V) logits: (loss (N,), stats (N, 5) or (N, 9))."""
     return _kd_rows(student, teacher, labels, *flatten(options))

@@ -14,6 +14,7 @@ import torch
 
 from fastkd.divergences import DIVERGENCES, make_spec
 from fastkd.kernels import registry
+from fastkd.kernels.logits.contract import stats_width
 from fastkd.kernels.sinkhorn.contract import allocate_outputs
 
 # Logits: vocabularies of Llama-2 and Mistral (32000, a multiple of 16), Llama-3 (128256) and
@@ -64,11 +65,34 @@ def _logits_layouts(vocab, dtype):
     )
 
 
+# The logit transforms and dkd are constexpr flags of the same kd_rows kernels: one specialisation per
+# kernel with every flag on (the most registers), dkd plain, and a soft-cap alone (Gemma's setting).
+# A logit scale alone folds into the temperature's multiplier: the plain kernels.
+_TRANSFORMS = dict(student_softcap=30.0, teacher_softcap=30.0, student_logit_scale=0.5, standardize=True)
+_KD_ROWS_VARIANTS = (
+    *((divergence, {}) for divergence in DIVERGENCES),
+    ("dkd", {}),
+    ("forward_kl", dict(student_softcap=30.0, teacher_softcap=30.0)),
+    ("forward_kl", _TRANSFORMS),
+    ("jsd", _TRANSFORMS),
+    ("dkd", _TRANSFORMS),
+)
+
+
+def _variant_name(divergence, transforms):
+    flags = [name for name, on in (("softcap", "student_softcap" in transforms),
+                                   ("standardize", transforms.get("standardize"))) if on]
+    return "+".join([divergence, *flags])
+
+
 def _kd_rows_cases(vocab, dtype):
     launchers = registry.implementation("kd_rows", "triton", "cuda")
     for layout, logits, labels in _logits_layouts(vocab, dtype):
-        for divergence in DIVERGENCES:
-            spec = make_spec(divergence, temperature=2.0, beta=0.5, skew=0.1)
+        for divergence, transforms in _KD_ROWS_VARIANTS:
+            if divergence == "dkd" and labels is None:
+                continue  # dkd needs the labels: only the shifted layout has them
+            spec = make_spec(divergence, temperature=2.0, beta=8.0 if divergence == "dkd" else 0.5, skew=0.1,
+                             alpha=1.0 if divergence == "dkd" else None, **transforms)
 
             def forward(spec=spec, logits=logits, labels=labels):
                 launchers.kd_rows_forward(logits(), logits(), labels, spec, IGNORE_INDEX)
@@ -76,11 +100,12 @@ def _kd_rows_cases(vocab, dtype):
             def backward(spec=spec, logits=logits, labels=labels):
                 student = logits()
                 n_rows = student.numel() // vocab
-                launchers.kd_rows_backward(_meta(n_rows), student, logits(), labels, _meta(n_rows, 5), spec,
-                                           IGNORE_INDEX)
+                launchers.kd_rows_backward(_meta(n_rows), student, logits(), labels,
+                                           _meta(n_rows, stats_width(spec)), spec, IGNORE_INDEX)
 
             for direction, call in (("forward", forward), ("backward", backward)):
-                yield Case("kd_rows", direction, divergence, _dtype_name(dtype), f"V={vocab}", layout, call)
+                yield Case("kd_rows", direction, _variant_name(divergence, transforms), _dtype_name(dtype),
+                           f"V={vocab}", layout, call)
 
 
 def _kl_div_cases(vocab, dtype):

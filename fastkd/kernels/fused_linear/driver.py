@@ -2,21 +2,25 @@
 
 Tokens are processed in blocks of C rows. For each block the student logits (C, V) are formed
 with one matmul (tensor cores on a GPU); the teacher of the block (dense: its own matmul and the
-kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels) gives the divergence
-rows and, when gradients are wanted, ∂/∂(student logits); the optional hard-label cross-entropy
-(the ce kernels) adds its rows and gradient; the gradient block is at once contracted into
+kd_rows kernels; sparse: top-k ids and log-probs and the sparse_kd kernels; sampled: ids and
+weights and the sampled_kd kernels) gives the divergence rows and, when gradients are wanted,
+∂/∂(student logits); the optional hard-label cross-entropy (the ce kernels) adds its rows and
+gradient; the gradient block is at once contracted into
 grad_hidden (C, Hs) and accumulated into grad_weight (V, Hs). Nothing (N, V) is ever allocated:
 the workspace is three (C, V) blocks, C chosen from a fixed element budget.
 
 This is a driver, not a backend: the kernels of each family come from the registry, on the
-backends the public function chose (options.soft_backend, options.ce_backend).
+backends the public function chose (options.soft_backend, options.ce_backend). A top-k teacher
+renormalised over its support without a hard term takes the path of support.py instead: the
+loss reads k logits per row, formed as k dot products, never a (C, V) block.
 """
 
 import torch
 
+from ... import logit_transforms
 from .. import registry
 from ..layout import compute_dtype
-from . import block_logits
+from . import block_logits, support
 from .entropy import entropy_rows
 
 # Elements of one (C, V) logit block. GPU: 256M (512 MiB in bf16, three blocks live: 1.5 GiB),
@@ -56,8 +60,52 @@ class SparseTeacher:
         self.row_dtype_source = logprobs
 
     def block(self, kernels, options, start, stop, student_logits, labels, scale):
-        return kernels.block_loss(student_logits, self.indices[start:stop], self.logprobs[start:stop], labels,
-                                  options.spec, options.missing_mass, options.ignore_index, scale)
+        # The sparse kernels take the student's logits as its model outputs them: the scale and
+        # soft-cap are applied here, block by block, and the gradient chained back through them.
+        model_logits = _model_logits(student_logits, options.spec)
+        loss, grad = kernels.block_loss(model_logits, self.indices[start:stop], self.logprobs[start:stop], labels,
+                                        options.spec, options.missing_mass, options.ignore_index, scale)
+        if grad is None or model_logits is student_logits:
+            return loss, grad
+        spec = options.spec
+        dtype = compute_dtype(student_logits)
+        return loss, logit_transforms.backward(student_logits.to(dtype), grad.to(dtype), spec.student_scale,
+                                               spec.student_softcap, False, 0.0).to(grad.dtype)
+
+
+def _model_logits(student_logits, spec):
+    """The student's logits as its model outputs them (logit scale, then soft-cap): what the hard
+    cross-entropy sees. Standardisation and the temperature belong to the distillation term only."""
+    if spec.student_scale == 1.0 and spec.student_softcap == 0:
+        return student_logits
+    return logit_transforms.scale_and_cap(student_logits, spec.student_scale, spec.student_softcap)
+
+
+def _hard_backward(ce, grad_loss, student_logits, model_logits, labels, stats, options, out):
+    """Adds grad_loss_i · ∂CE_i/∂(student logits) into ``out``; through the scale and soft-cap when
+    the model transforms its logits (one more block-sized buffer then, never (N, V))."""
+    spec = options.spec
+    if model_logits is student_logits:
+        ce.ce_rows_backward(grad_loss, student_logits, labels, stats, options.ignore_index, out=out)
+        return
+    grad_model = torch.zeros_like(out)
+    ce.ce_rows_backward(grad_loss, model_logits, labels, stats, options.ignore_index, out=grad_model)
+    out.add_(logit_transforms.backward(student_logits.to(out.dtype), grad_model, spec.student_scale,
+                                       spec.student_softcap, False, 0.0))
+
+
+class SampledTeacher:
+    """Sampled teacher: token ids (N, K) drawn from it and their weights (N, K)."""
+
+    family = "sampled_kd"
+
+    def __init__(self, ids, weights):
+        self.ids, self.weights = ids, weights
+        self.row_dtype_source = weights
+
+    def block(self, kernels, options, start, stop, student_logits, labels, scale):
+        return kernels.block_loss(student_logits, self.ids[start:stop], self.weights[start:stop], labels,
+                                  options.spec, options.sample_count, options.ignore_index, scale)
 
 
 def block_rows(n_rows, vocab, device):
@@ -77,9 +125,10 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
 
     student_hidden: (N, Hs); student_weight: (V, Hs); student_bias: (V,) or None; teacher: a
     DenseTeacher or SparseTeacher over the same N rows; labels: (N,) int or None; options: a
-    FusedLinearOptions. With soft_scale and hard_scale (N,) given, also returns the gradients of
-    Σ soft_scale·soft + hard_scale·hard with respect to the student hidden states, weight and
-    bias, each only where ``need`` says so (else None).
+    FusedLinearOptions (with options.group_name, the weight and bias are this rank's rows of a
+    vocabulary split over that group: see vocab_parallel.py). With soft_scale and hard_scale (N,)
+    given, also returns the gradients of Σ soft_scale·soft + hard_scale·hard with respect to the
+    student hidden states, weight and bias, each only where ``need`` says so (else None).
     With options.with_entropy, also the student's entropy per row at temperature T (0 on ignored
     rows), from each logit block while it is in memory; else entropy is None.
     Returns (soft_rows (N,), hard_rows (N,), entropy (N,) or None, grad_hidden, grad_weight, grad_bias).
@@ -90,8 +139,20 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     weight_dtype, bias_dtype = student_weight.dtype, None if student_bias is None else student_bias.dtype
     student_weight, student_bias = _in_dtype(student_weight, student_hidden.dtype), _in_dtype(
         student_bias, student_hidden.dtype)
-    soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
-    ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
+    exchange = None
+    if options.group_name:
+        # Vocab-parallel: this rank's weight rows are a slice of the vocabulary; one Exchange serves
+        # both terms, all-reducing per-row statistics per block (vocab_parallel.py).
+        parallel = registry.implementation("fused_linear_vocab_parallel", options.soft_backend, device_type)
+        exchange = parallel.Exchange(options.group_name, vocab, student_hidden.device, options.vocab_limit,
+                                     options.global_vocab, options.with_entropy)
+        soft_kernels, ce = exchange, exchange if options.with_hard else None
+    else:
+        soft_kernels = registry.implementation(teacher.family, options.soft_backend, device_type)
+        if support.serves(teacher.family, options):  # the k logits per row the loss reads, no (C, V) blocks
+            return support.run(student_hidden, student_weight, student_bias, teacher.indices, teacher.logprobs,
+                               labels, options, soft_kernels, soft_scale, need, weight_dtype, bias_dtype)
+        ce = registry.implementation("ce", options.ce_backend, device_type) if options.with_hard else None
     ignore_index = options.ignore_index
     want_grad = soft_scale is not None
     need_hidden, need_weight, need_bias = need if want_grad else (False, False, False)
@@ -104,7 +165,8 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
     grad_bias = torch.zeros(vocab, dtype=accumulate, device=student_weight.device) if need_bias else None
     soft_rows = hard_rows = entropy = None
 
-    rows = block_rows(n_rows, vocab, student_hidden.device)
+    # Vocab-parallel ranks size their blocks alike (vocab_parallel.py), or their collectives would differ.
+    rows = block_rows(n_rows, vocab if exchange is None else exchange.block_columns(), student_hidden.device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         hidden = student_hidden[start:stop]
@@ -119,15 +181,17 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
             entropy = soft.new_empty(n_rows) if options.with_entropy else None
         soft_rows[start:stop] = soft
         if entropy is not None:
-            entropy[start:stop] = entropy_rows(student_logits, block_labels, options)
+            entropy[start:stop] = (entropy_rows(student_logits, block_labels, options) if exchange is None
+                                   else exchange.entropy_rows(student_logits, block_labels, options))
         if ce is not None:
-            hard, ce_stats = ce.ce_rows_forward(student_logits, block_labels, ignore_index)
+            model_logits = _model_logits(student_logits, options.spec)
+            hard, ce_stats = ce.ce_rows_forward(model_logits, block_labels, ignore_index)
             hard_rows[start:stop] = hard
         if not want_grad:
             continue
         if ce is not None:
-            ce.ce_rows_backward(hard_scale[start:stop], student_logits, block_labels, ce_stats, ignore_index,
-                                out=grad_logits)
+            _hard_backward(ce, hard_scale[start:stop], student_logits, model_logits, block_labels, ce_stats,
+                           options, grad_logits)
         if need_bias:
             grad_bias += grad_logits.sum(0, dtype=accumulate)
         # fp32 logits give an fp32 gradient block: rounded once to the GEMM operands' dtype (a
@@ -141,6 +205,8 @@ def run(student_hidden, student_weight, student_bias, teacher, labels, options, 
             block_grad = rounded if weight_dtype == rounded.dtype else grad_logits.to(weight_dtype)
             grad_weight.addmm_(block_grad.t(), hidden.to(weight_dtype))
 
+    if exchange is not None and need_hidden and options.sum_grad_hidden:
+        exchange.sum_over_group(grad_hidden)
     if soft_rows is None:  # no rows at all
         dtype = compute_dtype(student_hidden, teacher.row_dtype_source)
         soft_rows = torch.zeros(0, dtype=dtype, device=student_hidden.device)

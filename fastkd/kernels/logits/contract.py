@@ -15,18 +15,25 @@ DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl
 STATS_COLUMNS = ("max_s", "log_sum_s", "max_t", "log_sum_t", "aux")
 MAX_S, LOG_SUM_S, MAX_T, LOG_SUM_T, AUX = range(len(STATS_COLUMNS))
 N_STATS = len(STATS_COLUMNS)
+# With ``standardize`` the forward also saves each side's row mean and sample std of the capped
+# logits (logit_transforms.py), so the backward re-standardises without another reduction pass.
+STANDARDIZE_COLUMNS = ("mean_s", "std_s", "mean_t", "std_t")
+MEAN_S, STD_S, MEAN_T, STD_T = range(N_STATS, N_STATS + len(STANDARDIZE_COLUMNS))
 
-# With standardize=True the rows are (N, 9): the five above, then the mean and sample std of each
-# side's scaled and soft-capped logits (logit_transforms.py), saved by kernels whose backward redoes
-# the standardised logits from them (native); backends that recompute them (torch) store zeros there.
-STANDARDIZED_STATS_COLUMNS = STATS_COLUMNS + ("mean_s", "std_s", "mean_t", "std_t")
-MEAN_S, STD_S, MEAN_T, STD_T = range(N_STATS, len(STANDARDIZED_STATS_COLUMNS))
+
+def stats_columns(spec):
+    """The statistics columns the kd_rows forward of ``spec`` (a DivergenceSpec) saves."""
+    return STATS_COLUMNS + (STANDARDIZE_COLUMNS if spec.standardize else ())
+
+
+def stats_width(spec):
+    return len(stats_columns(spec))
+
+
+# The (N, 9) columns of a standardising call, as fastkd._C's contract lists them.
+STANDARDIZED_STATS_COLUMNS = STATS_COLUMNS + STANDARDIZE_COLUMNS
 N_STANDARDIZED_STATS = len(STANDARDIZED_STATS_COLUMNS)
 
-
-def n_stats(spec):
-    """Columns of a call's kd_rows statistics: 9 when its spec standardises the logits, else 5."""
-    return N_STANDARDIZED_STATS if spec.standardize else N_STATS
 
 # Columns of the (N, 2) statistics of the hard-label cross-entropy rows.
 CE_STATS_COLUMNS = ("max", "log_sum")

@@ -5,14 +5,14 @@ device picks the CPU or CUDA entry point. The spec's logit transforms (logit sca
 standardize; fastkd/logit_transforms.py) travel in the call's ``_C.LogitTransforms``.
 
 Nothing (N, V) is allocated besides the gradient; the forward keeps (N, 5) fp32 statistics, (N, 9)
-with standardize (contract.n_stats: each side's mean and std too).
+with standardize (contract.stats_width: each side's mean and std too).
 """
 
 import torch
 
 from ..layout import KERNEL_DTYPES, row_shape
 from ..native_ext import extension, int64_labels, launch, rows_view
-from .contract import DIVERGENCE_CODES, n_stats
+from .contract import DIVERGENCE_CODES, stats_width
 
 
 def _check_pair(first_name, first, second_name, second):
@@ -65,12 +65,12 @@ def _kl_div_rows_args(input, target, log_target):
 
 def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V), fp32|fp16|bf16 (may differ), one device;
-    labels: (N,) int or None. Returns (loss (N,), stats (N, contract.n_stats(spec))) fp32, zeros on
+    labels: (N,) int or None. Returns (loss (N,), stats (N, contract.stats_width(spec))) fp32, zeros on
     ignored rows."""
     _check_pair("student", student, "teacher", teacher)
     n_rows = row_shape(student)[0]
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    stats = torch.empty(n_rows, n_stats(spec), dtype=torch.float32, device=student.device)
+    stats = torch.empty(n_rows, stats_width(spec), dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return loss, stats
     labels = int64_labels(labels, n_rows)
@@ -85,7 +85,7 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
 
 
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
-    """grad_loss: (N,); stats: (N, contract.n_stats(spec)) from the forward.
+    """grad_loss: (N,); stats: (N, contract.stats_width(spec)) from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
     _check_pair("student", student, "teacher", teacher)
     n_rows = row_shape(student)[0]
@@ -94,7 +94,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
         return grad
     grad_loss = grad_loss.to(torch.float32).contiguous()  # autograd often hands in an expanded scalar
     stats = stats.to(torch.float32).contiguous()
-    width = n_stats(spec)
+    width = stats_width(spec)
     if grad_loss.numel() != n_rows or stats.shape != (n_rows, width):
         raise ValueError(f"grad_loss must be ({n_rows},) and stats ({n_rows}, {width}); got "
                          f"{tuple(grad_loss.shape)} and {tuple(stats.shape)}")

@@ -12,7 +12,7 @@ import torch
 from ... import divergences, logit_transforms
 from ..layout import compute_dtype, row_chunks, rows_slice
 from ..torch_scratch import Scratch
-from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, N_STATS, n_stats
+from .contract import AUX, LOG_SUM_S, LOG_SUM_T, MAX_S, MAX_T, N_CE_STATS, stats_width
 
 # Elements of one (rows × V) temporary: 1M fp32 elements = 4 MiB; JSD keeps about a dozen alive.
 CHUNK_ELEMENTS = 1 << 20
@@ -36,11 +36,12 @@ def _scaled(x, inv_temperature, dtype, scratch):
     return torch.mul(x.to(dtype) if x.dtype != dtype else x, inv_temperature, out=out)
 
 
-def _side_logits(x, spec, side, dtype, scratch):
-    """The logits one side's softmax sees: its transforms (logit_transforms.py), then / T."""
+def _side_logits(x, spec, side, dtype, scratch, moments=None):
+    """The logits one side's softmax sees: its transforms (logit_transforms.py), then / T; with
+    standardize, ``moments`` (a list) receives the row mean and std."""
     if not spec.transforms_logits:
         return _scaled(x, spec.inv_temperature, dtype, scratch)
-    transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side))
+    transformed = logit_transforms.forward(x.to(dtype), *_transform_args(spec, side), moments=moments)
     # Out of place: a side without transforms gets x itself back, the caller's logits.
     return torch.mul(transformed, spec.inv_temperature, out=scratch(x, dtype))
 
@@ -62,23 +63,23 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
     """student, teacher: (N, V) or (B, T, V) logits; labels: (N,) int or None (dkd: required,
     the target class of each row).
 
-    Returns (loss (N,), stats (N, contract.n_stats(spec))) in the compute dtype: per row the max and
-    log-sum-exp offset of student / T and teacher / T (dkd: over the non-target classes), and the
-    gradient constant ``aux``; with standardize four zero columns (this backward recomputes the
-    means and stds). Rows whose label is ``ignore_index`` get zeros.
+    Returns (loss (N,), stats (N, 5)) in the compute dtype: per row the max and log-sum-exp
+    offset of student / T and teacher / T (dkd: over the non-target classes), and the gradient
+    constant ``aux``; with ``standardize`` (N, 9): also each side's row mean and std
+    (contract.STANDARDIZE_COLUMNS; this backend's backward recomputes them). Rows whose label is
+    ``ignore_index`` get zeros.
     """
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
     dtype = compute_dtype(student, teacher)
     loss = torch.empty(n_rows, dtype=dtype, device=student.device)
-    # With standardize: (N, 9), the mean/std columns zero (the backward recomputes them from x).
-    stats = (torch.zeros if spec.standardize else torch.empty)(n_rows, n_stats(spec), dtype=dtype,
-                                                              device=student.device)
+    stats = torch.empty(n_rows, stats_width(spec), dtype=dtype, device=student.device)
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
-        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch)
-        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch)
+        moments = []  # standardize: mean and std of each side, saved in the stats
+        s = _side_logits(rows_slice(student, start, stop), spec, "student", dtype, scratch, moments)
+        t = _side_logits(rows_slice(teacher, start, stop), spec, "teacher", dtype, scratch, moments)
         if spec.name == "dkd":
             target, bad = _targets(labels, start, stop, n_cols, ignore_index)
             student_side = divergences.dkd_side(s, target, scratch)
@@ -90,13 +91,13 @@ def kd_rows_forward(student, teacher, labels, spec, ignore_index):
             lq, max_s, log_sum_s = divergences.log_probs_and_parts(s, scratch)
             lp, max_t, log_sum_t = divergences.log_probs_and_parts(t, scratch)
             row_loss, aux = divergences.row_loss_and_aux(spec, lq, lp, scratch)
-        row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux], dim=1)
+        row_stats = torch.stack([max_s, log_sum_s, max_t, log_sum_t, aux, *moments], dim=1)
         active = _active_rows(labels, ignore_index, start, stop)
         if active is not None:
             row_loss = torch.where(active, row_loss, 0.0)
             row_stats = torch.where(active[:, None], row_stats, 0.0)
         loss[start:stop] = row_loss
-        stats[start:stop, :N_STATS] = row_stats
+        stats[start:stop] = row_stats
     return loss, stats
 
 
@@ -127,7 +128,7 @@ def _dkd_backward_rows(grad_loss, student, teacher, labels, row_stats, spec, ign
 
 
 def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_index):
-    """grad_loss: (N,) ∂output/∂L_row; stats: (N, 5) from the forward.
+    """grad_loss: (N,) ∂output/∂L_row; stats: (N, 5) or (N, 9) from the forward.
     Returns ∂output/∂student: contiguous, the student's shape and dtype."""
     n_cols = student.shape[-1]
     n_rows = student.numel() // n_cols
@@ -138,7 +139,7 @@ def kd_rows_backward(grad_loss, student, teacher, labels, stats, spec, ignore_in
     scratch = Scratch()
     for start, stop in _row_chunks(n_rows, n_cols):
         scratch.next_chunk()
-        row_stats = stats[start:stop, :N_STATS].to(dtype)
+        row_stats = stats[start:stop].to(dtype)
         if spec.name == "dkd":
             direct = not spec.transforms_logits and grad.dtype == dtype
             out = grad_rows[start:stop] if direct else scratch(grad_rows[start:stop], dtype)
@@ -234,7 +235,7 @@ def ce_rows_backward(grad_loss, logits, labels, stats, ignore_index, out):
     for start, stop in _row_chunks(n_rows, n_cols):
         x = logits[start:stop].to(dtype)
         label = labels[start:stop]
-        row_stats = stats[start:stop, :N_STATS].to(dtype)
+        row_stats = stats[start:stop].to(dtype)
         active = label != ignore_index
         # Ignored rows carry zero statistics: exp(logit − 0) would overflow to inf and inf·0 = NaN.
         log_p = divergences.log_probs(x, row_stats[:, 0], row_stats[:, 1])

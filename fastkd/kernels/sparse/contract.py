@@ -1,8 +1,16 @@
 """The contract of the sparse_kd family (divergences against a top-k teacher): its options and the
-definition of the tail bucket (see sparse/torch.py for the formulas)."""
+definition of the tail bucket (see sparse/torch.py for the formulas).
+
+An entry of the teacher is absent when its log-prob is -inf: the public functions turn masked and
+padding entries (``teacher_mask`` False, id == ``pad_id``) into -inf log-probs before the kernels
+run, so the kernels read one rule. Absent entries' ids are never read as token ids (any value is
+harmless); a row with no present entry is an ignored row (loss 0, gradient 0).
+"""
 
 MISSING_MASS = ("renormalize", "tail")
-SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 # Leftover teacher mass below this (top-k mass rounding to ≥ 1) is treated as this much, so that
 # reverse KL stays finite: the student's own leftover is then compared against ~0.
 TAIL_FLOOR = 1e-12
+# The id that marks an absent entry by default: topk_cache's PAD_ID (ids are ≥ 0 otherwise).
+DEFAULT_PAD_ID = -1

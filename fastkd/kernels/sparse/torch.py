@@ -1,18 +1,34 @@
 """Pure-PyTorch implementation of the sparse_kd family: divergences against a sparse (top-k,
 offline) teacher, on blocks of student logits.
 
-The teacher of a row is k token ids S and their log-probabilities. Two ways to treat the mass
-the top-k leaves out (``missing_mass``):
+The teacher of a row is k token ids S and their log-probabilities (entries with log-prob -inf are
+absent and not part of S; see contract.py). The divergence is taken over buckets: each id of S is
+one bucket, and ``missing_mass`` decides what else there is:
 
-* "renormalize": p̃ = softmax over S of the teacher log-probs, q̃ = softmax over S of the student
-  logits (the student restricted to the same support). KL over the k entries; the gradient is
+* "renormalize": the k buckets only. p̃ = softmax over S of the teacher log-probs, q̃ = softmax
+  over S of the student logits (the student restricted to the same support). The gradient is
   zero outside S.
-* "tail": the teacher's leftover mass P_t = 1 − Σ_S p is one extra bucket, set against the
-  student's leftover Q_t = Σ_{i∉S} q_i (computed from the logits outside S, not as 1 − Σ q, so it
-  keeps its precision when the top-k covers almost everything). KL over k + 1 buckets; for every
-  i ∉ S the gradient is q_i times one per-row constant:
-      forward KL:  ∂L/∂s_i = q_i − p̂_i,  p̂ = p on S and P_t·q_i/Q_t off S
-      reverse KL:  ∂L/∂s_i = q_i·(d_b(i) − L),  d_b = log Q_b − log P_b of i's bucket b(i)
+* "tail": one more bucket for everything outside S. The teacher's leftover mass is
+  P_t = 1 − Σ_S p; the student's is Q_t = Σ_{i∉S} q_i (computed from the logits outside S, not as
+  1 − Σ q, so it keeps its precision when the top-k covers almost everything). With k = V (no
+  token outside S) there is no tail bucket.
+
+With P, Q the bucket distributions (teacher, student), the divergences are those of
+fastkd/divergences.py, over buckets:
+
+    forward_kl  Σ_b P_b·log(P_b/Q_b)           reverse_kl  Σ_b Q_b·log(Q_b/P_b)
+    jsd (β)     β·KL(P‖M) + (1−β)·KL(Q‖M),  M = β·P + (1−β)·Q   (β = 0, 1: exactly forward, reverse KL)
+    tvd         ½·Σ_b |P_b − Q_b|
+
+Gradient with respect to the scaled student logits s = student / T. A bucket's student mass is a
+sum of q_i, so every ∂L/∂s_i has the form q_i·(g_{b(i)} − aux) with g the element-wise term of
+the divergence on i's bucket and aux one per-row constant (divergences.py); on a support bucket
+this is the bucket gradient itself, and every i outside S shares the tail bucket's factor:
+
+    forward_kl  q_i − P_t·q_i/Q_t            reverse_kl  q_i·(log(Q_t/P_t) − L)
+    jsd         (1−β)·q_i·(log(Q_t/M_t) − aux),  aux = KL(Q‖M)
+    tvd         q_i·(½·sign(Q_t − P_t) − aux),   aux = ½·Σ_b sign(Q_b − P_b)·Q_b
+                (½·sign − aux summed over the buckets of the other sign, where no 1 − 1 cancels)
 
 Temperature divides the student logits and the teacher input. That input is the teacher's logits
 on the support up to a per-row constant: log-probs stored at T_g = 1, or T_g·log p_g (the public
@@ -25,7 +41,7 @@ import math
 import torch
 
 from ... import divergences
-from ..layout import compute_dtype, row_chunks
+from ..layout import clamped_ids, compute_dtype, row_chunks
 from .contract import TAIL_FLOOR
 
 # Elements of one (rows × V) temporary, as the logits families' torch implementation.
@@ -36,80 +52,135 @@ def _row_chunks(n_rows, n_cols):
     return row_chunks(n_rows, n_cols, CHUNK_ELEMENTS)
 
 
-def _kl_and_grad_on_buckets(name, log_p, log_q):
-    """Row KL over buckets and its gradient with respect to the buckets' student log-masses
-    (through a softmax over the buckets): returns (loss (R,), dL/ds on the buckets (R, B))."""
-    p, q = log_p.exp(), log_q.exp()
-    if name == "forward_kl":
-        loss = divergences.safe_weighted(p, log_p - log_q).sum(-1)
-        return loss, q - p
-    loss = divergences.safe_weighted(q, log_q - log_p).sum(-1)
-    return loss, divergences.safe_weighted(q, log_q - log_p - loss[:, None])
-
-
-def _log_mass_outside(s, index, row_max, log_sum):
-    """log Σ_{i∉S} softmax(s)_i per row, summed over the entries outside S (-inf if none)."""
-    rest = s.scatter(1, index, -math.inf)
+def _log_mass_outside(s, index, present, row_max, log_sum):
+    """(log Σ_{i∉S} softmax(s)_i (R,), s with the support at -inf (R, V)). Adding -inf at the
+    present ids (0 at absent ones) marks the support without a scatter race on repeated ids."""
+    rest = s.scatter_add(1, index, torch.zeros_like(index, dtype=s.dtype).masked_fill_(present, -math.inf))
     rest_max = rest.amax(-1)
     shift = torch.where(rest_max > -math.inf, rest_max, torch.zeros_like(rest_max))
-    return ((rest - shift[:, None]).exp().sum(-1).log() + (shift - row_max)) - log_sum
+    return ((rest - shift[:, None]).exp().sum(-1).log() + (shift - row_max)) - log_sum, rest
+
+
+def _tvd_factors(lq, lp):
+    """½·sign(Q_b − P_b) − aux per bucket (R, B), aux = ½·Σ sign·Q, written as sums over the
+    buckets of the other sign (Σ Q = 1): a student sure of one token has ½ − aux ≈ 0, which the
+    difference would leave as fp32 rounding of 1."""
+    sign = torch.sign(lq - lp).nan_to_num_(0.0)  # both -inf: an empty bucket, sign 0
+    q = lq.exp()
+    q_pos, q_neg, q_zero = ((q * (sign == v)).sum(-1, keepdim=True) for v in (1.0, -1.0, 0.0))
+    return torch.where(sign > 0, q_neg + 0.5 * q_zero, torch.where(sign < 0, -(q_pos + 0.5 * q_zero),
+                                                                   0.5 * (q_neg - q_pos)))
+
+
+def _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux):
+    """∂L/∂s_i for every i, as if i were in the tail bucket (the support's entries are replaced
+    by the caller): q_i times the tail bucket's factor. (R, V)."""
+    log_q = divergences.log_probs(s, row_max, log_sum)
+    lq_t, lp_t = lq[:, -1:], lp[:, -1:]
+    has_tail = lq_t > -math.inf
+    if spec.name == "forward_kl":
+        # q_i − exp(log q_i + log P_t − log Q_t): in log space, as P_t/Q_t may overflow.
+        shift = torch.where(has_tail, lp_t - lq_t, -math.inf)
+        return log_q.exp() - (log_q + shift).exp()
+    if spec.name == "reverse_kl":
+        factor = lq_t - lp_t - loss[:, None]
+    elif spec.name == "tvd":
+        factor = _tvd_factors(lq, lp)[:, -1:]
+    elif spec.name == "jsd":
+        lm_t = torch.logaddexp(lp_t + spec.log_param, lq_t + spec.log1m_param)
+        factor = (1 - spec.param) * (lq_t - lm_t - aux[:, None])
+    else:
+        raise AssertionError(spec.name)
+    return log_q.exp_().mul_(torch.where(has_tail, factor, 0.0))
+
+
+def _renormalized(s_support, teacher_log, present, has_support):
+    """Bucket log-probs (lp, lq) (R, k) of the renormalize mode."""
+    # A row without entries would be all -inf (NaN softmax): it is dropped later, give it zeros.
+    empty = ~has_support[:, None]
+    lp = torch.log_softmax(teacher_log.masked_fill(empty, 0.0), -1)
+    lq = torch.log_softmax(s_support.masked_fill(~present, -math.inf).masked_fill_(empty, 0.0), -1)
+    return lp, lq
+
+
+def _bucket_grad(spec, lq, lp, aux):
+    if spec.name == "tvd":
+        return lq.exp() * _tvd_factors(lq, lp)
+    return divergences.grad_scaled_student(spec, lq, lp, aux)
+
+
+def support_loss(support_logits, indices, logprobs, vocab, labels, spec, ignore_index, scale=None):
+    """The renormalize mode from the student's logits at the support only.
+
+    support_logits: (R, k) the student's logits at ``indices`` (R, k) (any values where an id is
+    outside [0, V)); logprobs: (R, k), -inf where absent; labels: (R,) or None.
+    Returns (loss (R,), ∂(Σ scale·loss)/∂support_logits (R, k) or None without ``scale``, both in
+    the compute dtype; 0 at absent entries and inactive rows, NaN in rows with a present id outside
+    [0, V)).
+    """
+    dtype = compute_dtype(support_logits, logprobs)
+    teacher_log = logprobs.to(dtype) * spec.inv_temperature
+    present = teacher_log != -math.inf
+    bad_row = (present & ((indices < 0) | (indices >= vocab))).any(-1)
+    has_support = present.any(-1)
+    active = has_support if labels is None else has_support & (labels != ignore_index)
+    lp, lq = _renormalized(support_logits.to(dtype) * spec.inv_temperature, teacher_log, present, has_support)
+    loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
+    loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
+    if scale is None:
+        return loss, None
+    grad = _bucket_grad(spec, lq, lp, aux) * (scale.to(dtype) * spec.inv_temperature)[:, None]
+    grad = torch.where(present & active[:, None], grad, 0.0)  # where, not a product: no NaN leaks
+    return loss, grad.masked_fill_((bad_row & active)[:, None], math.nan)
 
 
 def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index, scale=None):
-    """student_logits: (R, V); indices: (R, k) int; logprobs: (R, k); labels: (R,) or None.
+    """student_logits: (R, V); indices: (R, k) int; logprobs: (R, k), -inf where absent; labels:
+    (R,) or None.
 
     Returns (loss (R,) in the compute dtype, ∂(Σ scale·loss)/∂student_logits (R, V) in the
     logits' dtype, or None without ``scale``).
     """
     dtype = compute_dtype(student_logits, logprobs)
-    s = student_logits.to(dtype) * spec.inv_temperature
+    vocab = student_logits.shape[1]
+    teacher_log = logprobs.to(dtype) * spec.inv_temperature
+    present = teacher_log != -math.inf  # NaN log-probs stay present: they make their row NaN
     # Ids outside [0, V) make their row NaN (loss and gradient): checked here, on the device, so the
     # default path never synchronises; gathering at clamped ids keeps the kernels in bounds.
-    vocab = s.shape[1]
-    bad_row = ((indices < 0) | (indices >= vocab)).any(-1)
-    index = indices.long().clamp(0, max(vocab - 1, 0))
-    teacher_log = logprobs.to(dtype) * spec.inv_temperature
-    s_support = s.gather(1, index)
+    index, bad_row = clamped_ids(indices, present, vocab)
     if missing_mass == "renormalize":
-        log_p = torch.log_softmax(teacher_log, -1)
-        log_q = torch.log_softmax(s_support, -1)
-        loss, grad_support = _kl_and_grad_on_buckets(spec.name, log_p, log_q)
-        grad = None if scale is None else torch.zeros_like(s).scatter_(1, index, grad_support)
-    else:
-        row_max, log_sum = divergences.log_softmax_parts(s)
-        log_q_support = (s_support - row_max[:, None]) - log_sum[:, None]
-        log_q_tail = _log_mass_outside(s, index, row_max, log_sum)
-        p_tail = (1 - teacher_log.exp().sum(-1)).clamp(min=TAIL_FLOOR if spec.name == "reverse_kl" else 0.0)
-        # No student mass outside the support (k = V, or -inf logits there): the tail bucket does
-        # not exist, and the teacher's leftover is rounding; keeping it would make forward KL inf.
-        p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)
-        log_p = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
-        log_q = torch.cat([log_q_support, log_q_tail[:, None]], 1)
-        loss, _ = _kl_and_grad_on_buckets(spec.name, log_p, log_q)
-        grad = None
-        if scale is not None:
-            q = divergences.log_probs(s, row_max, log_sum).exp()
-            if spec.name == "forward_kl":
-                tail_factor = 1 - (log_p[:, -1] - log_q[:, -1]).exp()
-                support_grad = q.gather(1, index) - teacher_log.exp()
-            else:
-                d = log_q - log_p
-                tail_factor = d[:, -1] - loss
-                support_grad = divergences.safe_weighted(log_q_support.exp(), d[:, :-1] - loss[:, None])
-            # Off the support q_i multiplies one constant; with no student mass there it is moot.
-            tail_factor = torch.where(log_q_tail > -math.inf, tail_factor, 0.0)
-            grad = (q * tail_factor[:, None]).scatter_(1, index, support_grad)
-    loss = torch.where(bad_row, math.nan, loss)
-    if grad is not None:
-        grad = torch.where(bad_row[:, None], math.nan, grad)
-    if labels is not None:
-        active = labels != ignore_index
-        loss = torch.where(active, loss, 0.0)
-        if grad is not None:
-            grad = torch.where(active[:, None], grad, 0.0)
-    if grad is not None:
-        grad = (grad * (scale.to(dtype) * spec.inv_temperature)[:, None]).to(student_logits.dtype)
-    return loss, grad
+        # Only the k logits of the support are read: no (R, V) temporary but the gradient itself.
+        loss, support_grad = support_loss(student_logits.gather(1, index), indices, logprobs, vocab, labels, spec,
+                                          ignore_index, scale)
+        if scale is None:
+            return loss, None
+        grad = torch.zeros_like(student_logits).scatter_add_(1, index, support_grad.to(student_logits.dtype))
+        return loss, grad.masked_fill_(support_grad.isnan().any(-1, keepdim=True), math.nan)
+    has_support = present.any(-1)
+    active = has_support if labels is None else has_support & (labels != ignore_index)
+    s = student_logits.to(dtype) * spec.inv_temperature
+    s_support = s.gather(1, index).masked_fill_(~present, -math.inf)
+    row_max, log_sum = divergences.log_softmax_parts(s)
+    log_q_tail, rest = _log_mass_outside(s, index, present, row_max, log_sum)
+    floor = TAIL_FLOOR if spec.name == "reverse_kl" else 0.0
+    p_tail = (1 - teacher_log.exp().sum(-1)).clamp(min=floor)
+    # No student mass outside the support (k = V, or -inf logits there): the tail bucket does
+    # not exist, and the teacher's leftover is rounding; keeping it would make forward KL inf.
+    p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)
+    lp = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
+    lq = torch.cat([(s_support - row_max[:, None]) - log_sum[:, None], log_q_tail[:, None]], 1)
+    loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
+    loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
+    if scale is None:
+        return loss, None
+    row_scale = (scale.to(dtype) * spec.inv_temperature)[:, None]
+    # Absent entries add 0 wherever their (arbitrary) id points; inactive rows add 0 (where, not a
+    # product: a NaN in an ignored row must not leak).
+    support_grad = torch.where(present & active[:, None], _bucket_grad(spec, lq, lp, aux)[:, :-1] * row_scale, 0.0)
+    grad = _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux)
+    grad = torch.where((rest == -math.inf) | ~active[:, None], 0.0, grad.mul_(row_scale))
+    grad = grad.scatter_add_(1, index, support_grad).to(student_logits.dtype)
+    return loss, grad.masked_fill_((bad_row & active)[:, None], math.nan)
 
 
 def rows_forward(student, indices, logprobs, labels, spec, missing_mass, ignore_index):

@@ -2,6 +2,6 @@
 fills the rows a caller marks as ignored."""
 
 # Ignored rows (label == ignore_index) hold this id and a log-probability of -inf in every entry:
-# an id outside [0, V), so a loss given the same labels skips the row and one given none makes it
-# NaN rather than silently training on padding.
+# the sparse losses' default pad_id, so such a row has no present entry and is ignored by them too
+# (loss 0, left out of the mean), given its labels or not.
 PAD_ID = -1
