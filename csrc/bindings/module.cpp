@@ -15,6 +15,7 @@
 #include "fastkd/common/rows_view.h"
 #include "fastkd/cross_entropy/contract.h"
 #include "fastkd/logits/contract.h"
+#include "fastkd/sparse/sparse_rows.h"
 
 namespace fastkd {
 namespace bindings {
@@ -41,6 +42,8 @@ py::dict contract() {
   out["stats_columns"] = column_list(kStatsColumns);
   out["ce_stats_columns"] = column_list(kCeStatsColumns);
   out["dtype_codes"] = code_dict(kDTypeCodes);
+  out["sparse_stats_columns"] = column_list(kSparseStatsColumns);
+  out["sparse_id_sentinel"] = kSparseIdSentinel;
   return out;
 }
 
@@ -73,11 +76,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastkd compiled kernels (torch-ABI-free): argument structs built with keywords, raw addresses";
   m.def("contract", &b::contract,
         "The codes and layouts fastkd._C was compiled with: {'divergence_codes': {name: code}, "
-        "'stats_columns': [names in column order], 'ce_stats_columns': [...], 'dtype_codes': {name: code}}. "
+        "'stats_columns': [names in column order], 'ce_stats_columns': [...], 'dtype_codes': {name: code}, "
+        "'sparse_stats_columns': [...], 'sparse_id_sentinel': int}. "
         "fastkd.backends.native.check_contract compares them with Python's.");
   m.attr("with_cuda") = fastkd::built_with_cuda();
   b::bind_rows_view(m);
   b::bind_logits(m);
   b::bind_cross_entropy(m);
   b::bind_sinkhorn(m);
+  b::bind_sparse(m);
 }

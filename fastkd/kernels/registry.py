@@ -123,8 +123,10 @@ ROWS = (
     # renormalize reads k logits per row (torch's gather/scatter, no V pass to fuse).
     Implementation("sparse_kd", "triton", ("cuda",), _FLOATS, 30, "fastkd.kernels.sparse.triton"),
     Implementation("sparse_kd", "triton", ("cpu",), _FLOATS, 0, "fastkd.kernels.sparse.triton"),
-    Implementation("sparse_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SPARSE,
-                   note="the torch implementation: fastkd._C has no sparse-teacher kernel"),
+    # sparse/native.py: csrc/sparse/cpu.cpp, the same passes on the CPU; no CUDA C++ kernel yet.
+    Implementation("sparse_kd", "native", ("cpu",), _FLOATS, 30, "fastkd.kernels.sparse.native"),
+    Implementation("sparse_kd", "native", ("cuda",), _FLOATS, 5, _TORCH_SPARSE,
+                   note="the torch implementation: fastkd._C has no CUDA sparse-teacher kernel"),
 
     Implementation("sampled_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SAMPLED),
     Implementation("sampled_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SAMPLED,

@@ -34,18 +34,17 @@ from ..logits.contract import NEG_START
 from ..triton_device import on_tensor_device
 from ..triton_math import LOG2E, LN2, fast_log2
 from ..triton_rows import block_columns, launch_config, load_scaled, lse_merge, lse_step, row_offset, vector_width
-from . import buckets
+from . import buckets, contract
 from . import torch as torch_impl
 
 # Sorted ids of absent entries: past every column, so no tile's walk reaches them.
-ID_SENTINEL = tl.constexpr(2 ** 31 - 1)
+ID_SENTINEL = tl.constexpr(contract.ID_SENTINEL)
 _NEG_START = tl.constexpr(NEG_START)
 # Gradient rows: 0 normal, 1 zeros (ignored or no entry), 2 NaN (a present id outside [0, V)).
 ROW_ZERO = tl.constexpr(1)
 ROW_NAN = tl.constexpr(2)
 
-# Columns of the (R, 4) fp32 statistics: max and log Σ exp(s − max) of the row, and of its rest.
-N_STATS = 4
+N_STATS = tl.constexpr(contract.N_STATS)  # columns: contract.STATS_COLUMNS
 
 support_loss = torch_impl.support_loss
 
@@ -98,7 +97,7 @@ def sparse_tail_stats_kernel(
                                              stride_col, inv_temperature, True, BLOCK_V, VEC)
     top, total = lse_merge(m, z)
     top_r, total_r = lse_merge(m_r, z_r)
-    base = stats_ptr + row * 4
+    base = stats_ptr + row * N_STATS
     tl.store(base + 0, top)
     tl.store(base + 1, fast_log2(total) * LN2)
     tl.store(base + 2, top_r)
@@ -150,8 +149,8 @@ def sparse_tail_grad_kernel(
     ids_row = ids_ptr + row * K
     grads_row = grads_ptr + row * K
     mode = tl.load(mode_ptr + row).to(tl.int32)
-    row_max = tl.load(stats_ptr + row * 4 + 0)
-    log_sum = tl.load(stats_ptr + row * 4 + 1)
+    row_max = tl.load(stats_ptr + row * N_STATS + 0)
+    log_sum = tl.load(stats_ptr + row * N_STATS + 1)
     factor = tl.load(coef_ptr + row * 3 + 0)
     shift = tl.load(coef_ptr + row * 3 + 1)
     scale = tl.load(coef_ptr + row * 3 + 2)
@@ -179,7 +178,7 @@ def tail_stats(student, sorted_ids, active, inv_temperature):
     the columns off the support (log 0 = -inf there when nothing is outside). Inactive rows are
     not read: their statistics are meaningless."""
     n_rows, n_cols, inner = row_shape(student)
-    stats = torch.empty(n_rows, N_STATS, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n_rows, N_STATS.value, dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return stats
     block_v, num_warps = launch_config(n_cols)
