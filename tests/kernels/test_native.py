@@ -26,6 +26,8 @@ DOCUMENTED_CONTRACT = {
     "stats_columns": ["max_s", "log_sum_s", "max_t", "log_sum_t", "aux"],
     "ce_stats_columns": ["max", "log_sum"],
     "dtype_codes": {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3},
+    "sparse_stats_columns": ["max", "log_sum", "rest_max", "rest_log_sum"],
+    "sparse_id_sentinel": 2 ** 31 - 1,
 }
 
 

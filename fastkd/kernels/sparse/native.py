@@ -1,8 +1,8 @@
 """Launchers of the compiled sparse_kd tail-mode kernels of fastkd._C (csrc/sparse/cpu.cpp): the
 ``native`` backend of the sparse_kd family on the CPU. Same signatures and semantics as
-sparse/triton.py's tail_stats and tail_grad, so the block logic around them (triton.tail_block: the
-(R, k) bucket math in torch ops) is shared; the renormalize mode reads k logits per row and is
-torch's gather and scatter, as on every backend.
+sparse/triton.py's tail_stats and tail_grad, so the block logic around them (sparse/blocks.py
+tail_block: the (R, k) bucket math in torch ops) is shared; the renormalize mode reads k logits per
+row and is torch's gather and scatter (blocks.renormalize_block), as on every backend.
 
 Forward: one read of the logits; backward: one read and one write (plus the stats pass again in
 the op's backward, which gets no saved statistics). No CUDA kernel: the cuda row of the registry
@@ -12,11 +12,9 @@ keeps the torch implementation.
 import torch
 
 from ..native_ext import extension, launch, rows_view
-from . import contract
-from . import torch as torch_impl
-from . import triton as triton_impl
+from . import blocks, contract
 
-support_loss = torch_impl.support_loss
+support_loss = blocks.support_loss
 
 
 def _args(student, sorted_ids, inv_temperature):
@@ -65,10 +63,9 @@ def tail_grad(student, sorted_ids, sorted_grads, stats, coefficients, mode, inv_
 def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index, scale=None):
     """As sparse/torch.py's block_loss, the tail mode's V passes in fastkd._C."""
     if missing_mass == "renormalize":
-        return torch_impl.block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index,
-                                     scale)
-    return triton_impl.tail_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale, tail_stats,
-                                  tail_grad)
+        return blocks.renormalize_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale)
+    return blocks.tail_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale, tail_stats,
+                             tail_grad)
 
 
 def rows_forward(student, indices, logprobs, labels, spec, missing_mass, ignore_index):

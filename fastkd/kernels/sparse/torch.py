@@ -42,7 +42,8 @@ import torch
 
 from ... import divergences
 from ..layout import clamped_ids, compute_dtype, row_chunks
-from . import buckets
+from . import blocks, buckets
+from .blocks import support_loss  # noqa: F401  (the fused support path's entry, kernels.support_loss)
 
 # Elements of one (rows × V) temporary, as the logits families' torch implementation.
 CHUNK_ELEMENTS = 1 << 20
@@ -71,40 +72,6 @@ def _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux):
     return log_q.exp_().mul_(factor[:, None])
 
 
-def _renormalized(s_support, teacher_log, present, has_support):
-    """Bucket log-probs (lp, lq) (R, k) of the renormalize mode."""
-    # A row without entries would be all -inf (NaN softmax): it is dropped later, give it zeros.
-    empty = ~has_support[:, None]
-    lp = torch.log_softmax(teacher_log.masked_fill(empty, 0.0), -1)
-    lq = torch.log_softmax(s_support.masked_fill(~present, -math.inf).masked_fill_(empty, 0.0), -1)
-    return lp, lq
-
-
-def support_loss(support_logits, indices, logprobs, vocab, labels, spec, ignore_index, scale=None):
-    """The renormalize mode from the student's logits at the support only.
-
-    support_logits: (R, k) the student's logits at ``indices`` (R, k) (any values where an id is
-    outside [0, V)); logprobs: (R, k), -inf where absent; labels: (R,) or None.
-    Returns (loss (R,), ∂(Σ scale·loss)/∂support_logits (R, k) or None without ``scale``, both in
-    the compute dtype; 0 at absent entries and inactive rows, NaN in rows with a present id outside
-    [0, V)).
-    """
-    dtype = compute_dtype(support_logits, logprobs)
-    teacher_log = logprobs.to(dtype) * spec.inv_temperature
-    present = teacher_log != -math.inf
-    bad_row = (present & ((indices < 0) | (indices >= vocab))).any(-1)
-    has_support = present.any(-1)
-    active = has_support if labels is None else has_support & (labels != ignore_index)
-    lp, lq = _renormalized(support_logits.to(dtype) * spec.inv_temperature, teacher_log, present, has_support)
-    loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
-    loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
-    if scale is None:
-        return loss, None
-    grad = buckets.bucket_grad(spec, lq, lp, aux) * (scale.to(dtype) * spec.inv_temperature)[:, None]
-    grad = torch.where(present & active[:, None], grad, 0.0)  # where, not a product: no NaN leaks
-    return loss, grad.masked_fill_((bad_row & active)[:, None], math.nan)
-
-
 def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index, scale=None):
     """student_logits: (R, V); indices: (R, k) int; logprobs: (R, k), -inf where absent; labels:
     (R,) or None.
@@ -120,13 +87,7 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     # default path never synchronises; gathering at clamped ids keeps the kernels in bounds.
     index, bad_row = clamped_ids(indices, present, vocab)
     if missing_mass == "renormalize":
-        # Only the k logits of the support are read: no (R, V) temporary but the gradient itself.
-        loss, support_grad = support_loss(student_logits.gather(1, index), indices, logprobs, vocab, labels, spec,
-                                          ignore_index, scale)
-        if scale is None:
-            return loss, None
-        grad = torch.zeros_like(student_logits).scatter_add_(1, index, support_grad.to(student_logits.dtype))
-        return loss, grad.masked_fill_(support_grad.isnan().any(-1, keepdim=True), math.nan)
+        return blocks.renormalize_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale)
     has_support = present.any(-1)
     active = has_support if labels is None else has_support & (labels != ignore_index)
     s = student_logits.to(dtype) * spec.inv_temperature

@@ -15,27 +15,23 @@ ids below its end, about k·BLOCK_V/V of them: O(V + k) work per row, repeated i
 Around the kernels, on (R, k) tensors only (small: torch ops, buckets.py): the gather of the k
 support logits, the bucket loss, the support gradients and the sort of the ids. The renormalize
 mode reads only the k support logits: the gather and the scatter of k gradients are torch's
-(sparse/torch.py ``support_loss``), with no V pass to fuse. No host synchronisation anywhere.
+(sparse/blocks.py), with no V pass to fuse. No host synchronisation anywhere.
 
 The op's backward (rows_backward) gets no saved statistics, so it runs the stats pass again before
 the gradient pass (two reads, one write); the fused linear driver's block_loss runs both passes on
 the block it holds (one read forward, one read and one write backward).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ... import divergences
-from ..layout import clamped_ids, compute_dtype, row_layout, row_shape
+from ..layout import row_layout, row_shape
 from ..logits.contract import NEG_START
 from ..triton_device import on_tensor_device
 from ..triton_math import LOG2E, LN2, fast_log2
 from ..triton_rows import block_columns, launch_config, load_scaled, lse_merge, lse_step, row_offset, vector_width
-from . import buckets, contract
-from . import torch as torch_impl
+from . import blocks, contract
 
 # Sorted ids of absent entries: past every column, so no tile's walk reaches them.
 ID_SENTINEL = tl.constexpr(contract.ID_SENTINEL)
@@ -46,7 +42,7 @@ ROW_NAN = tl.constexpr(2)
 
 N_STATS = tl.constexpr(contract.N_STATS)  # columns: contract.STATS_COLUMNS
 
-support_loss = torch_impl.support_loss
+support_loss = blocks.support_loss
 
 
 @triton.jit
@@ -165,15 +161,9 @@ def sparse_tail_grad_kernel(
                             row_max, log_sum, factor, shift, scale, mode, True, BLOCK_V, VEC)
 
 
-def _sorted_support(index, present):
-    """(ids (R, k) int32 sorted per row with ID_SENTINEL at absent entries, the permutation)."""
-    keys = torch.where(present, index, ID_SENTINEL.value).to(torch.int32)
-    return torch.sort(keys, dim=1)
-
-
 @on_tensor_device
 def tail_stats(student, sorted_ids, active, inv_temperature):
-    """student: (R, V) fp32|fp16|bf16; sorted_ids: (R, k) int32 (_sorted_support); active: (R,) bool.
+    """student: (R, V) fp32|fp16|bf16; sorted_ids: (R, k) int32 (blocks.sorted_support); active: (R,) bool.
     Returns (R, 4) fp32: row max and log Σ exp(s − max) of s = student / T over the row and over
     the columns off the support (log 0 = -inf there when nothing is outside). Inactive rows are
     not read: their statistics are meaningless."""
@@ -205,45 +195,14 @@ def tail_grad(student, sorted_ids, sorted_grads, stats, coefficients, mode, inv_
     return out
 
 
-def tail_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale, stats_fn, grad_fn):
-    """The tail mode on (R, V) logits, given the two V passes (this module's kernels or the native
-    ones, same signatures as tail_stats and tail_grad). Returns as torch's block_loss."""
-    dtype = compute_dtype(student_logits, logprobs)
-    vocab = student_logits.shape[-1]
-    inv_t = spec.inv_temperature
-    teacher_log = logprobs.to(dtype) * inv_t
-    present = teacher_log != -math.inf  # NaN log-probs stay present: they make their row NaN
-    index, bad_row = clamped_ids(indices, present, vocab)
-    active = present.any(-1) if labels is None else present.any(-1) & (labels != ignore_index)
-    sorted_ids, order = _sorted_support(index, present)
-    stats = stats_fn(student_logits, sorted_ids, active, inv_t).to(dtype)
-    row_max, log_sum = stats[:, 0], stats[:, 1]
-    log_q_tail = ((stats[:, 3] + (stats[:, 2] - row_max)) - log_sum)
-    s_support = (student_logits.gather(1, index).to(dtype) * inv_t).masked_fill_(~present, -math.inf)
-    lp, lq = buckets.tail_buckets(spec, teacher_log, s_support, row_max, log_sum, log_q_tail)
-    loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
-    loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
-    if scale is None:
-        return loss, None
-    row_scale = scale.to(dtype) * inv_t
-    support_grad = torch.where(present & active[:, None], buckets.bucket_grad(spec, lq, lp, aux)[:, :-1]
-                               * row_scale[:, None], 0.0)
-    factor, shift = buckets.tail_coefficients(spec, lq, lp, loss, aux)
-    coefficients = torch.stack([factor, shift, row_scale], 1).float()
-    mode = torch.where(active, torch.where(bad_row, 2, 0), 1).to(torch.int8)
-    grad = grad_fn(student_logits, sorted_ids, support_grad.gather(1, order).float().contiguous(), stats.float(),
-                   coefficients, mode, inv_t)
-    return loss, grad
-
-
 def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index, scale=None):
     """As sparse/torch.py's block_loss: student_logits (R, V) fp32|fp16|bf16; indices, logprobs
     (R, k); labels (R,) or None. The tail mode's V passes are this module's kernels; the
     renormalize mode reads k logits per row and is torch's gather and scatter."""
     if missing_mass == "renormalize":
-        return torch_impl.block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index,
-                                     scale)
-    return tail_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale, tail_stats, tail_grad)
+        return blocks.renormalize_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale)
+    return blocks.tail_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale, tail_stats,
+                             tail_grad)
 
 
 def rows_forward(student, indices, logprobs, labels, spec, missing_mass, ignore_index):
