@@ -44,6 +44,7 @@ py::dict contract() {
   out["dtype_codes"] = code_dict(kDTypeCodes);
   out["sparse_stats_columns"] = column_list(kSparseStatsColumns);
   out["sparse_id_sentinel"] = kSparseIdSentinel;
+  out["sparse_row_modes"] = code_dict(kSparseRowModes);
   return out;
 }
 
@@ -77,7 +78,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("contract", &b::contract,
         "The codes and layouts fastkd._C was compiled with: {'divergence_codes': {name: code}, "
         "'stats_columns': [names in column order], 'ce_stats_columns': [...], 'dtype_codes': {name: code}, "
-        "'sparse_stats_columns': [...], 'sparse_id_sentinel': int}. "
+        "'sparse_stats_columns': [...], 'sparse_id_sentinel': int, 'sparse_row_modes': {name: code}}. "
         "fastkd.backends.native.check_contract compares them with Python's.");
   m.attr("with_cuda") = fastkd::built_with_cuda();
   b::bind_rows_view(m);

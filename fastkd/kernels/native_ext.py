@@ -29,6 +29,7 @@ def expected_contract():
         "dtype_codes": {str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()},
         "sparse_stats_columns": list(sparse_contract.STATS_COLUMNS),
         "sparse_id_sentinel": sparse_contract.ID_SENTINEL,
+        "sparse_row_modes": dict(sparse_contract.ROW_MODES),
     }
 
 

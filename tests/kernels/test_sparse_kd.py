@@ -141,3 +141,27 @@ def test_repeated_ids_are_summed_as_the_torch_backend_does(backend, missing_mass
                                      reduction="none", backend=name)
         out[name] = (loss, torch.autograd.grad(loss.sum(), xb)[0])
     assert rel_err(out[backend][0], out["torch"][0]) < 1e-6 and rel_err(out[backend][1], out["torch"][1]) < 1e-6
+
+
+@each_backend("sparse_kd")
+@pytest.mark.parametrize("missing_mass", ["renormalize", "tail"])
+def test_sparse_kd_rows_opcheck_and_fullgraph_compile(backend, missing_mass):
+    from fastkd.divergences import make_spec
+    from fastkd.ops.schema import flatten
+    from fastkd.options import SparseOptions
+
+    indices, logprobs = _teacher(5, 97, 6)
+    student = torch.randn(5, 97, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([0, -100, 2, 3, 4], device=DEVICE)
+    options = flatten(SparseOptions(make_spec("jsd", 1.0, 0.3), missing_mass, -100, backend))
+    torch.library.opcheck(torch.ops.fastkd.sparse_kd_rows.default, (student, indices, logprobs, labels, *options))
+
+    def loss(x):
+        return fastkd.sparse_kd_loss(x, indices, logprobs, labels, divergence="tvd", missing_mass=missing_mass,
+                                     backend=backend)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    eager, (eager_grad,) = loss(student), torch.autograd.grad(loss(student), student)
+    out = compiled(student)
+    (grad,) = torch.autograd.grad(out, student)
+    assert rel_err(out, eager) < 1e-6 and rel_err(grad, eager_grad) < 1e-6

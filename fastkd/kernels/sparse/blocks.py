@@ -93,7 +93,8 @@ def tail_block(student_logits, indices, logprobs, labels, spec, ignore_index, sc
                                * row_scale[:, None], 0.0)
     factor, shift = buckets.tail_coefficients(spec, lq, lp, loss, aux)
     coefficients = torch.stack([factor, shift, row_scale], 1).float()
-    mode = torch.where(active, torch.where(bad_row, 2, 0), 1).to(torch.int8)
+    modes = contract.ROW_MODES
+    mode = torch.where(active, torch.where(bad_row, modes["nan"], modes["normal"]), modes["zero"]).to(torch.int8)
     grad = grad_fn(student_logits, sorted_ids, support_grad.gather(1, order).float().contiguous(), stats.float(),
                    coefficients, mode, inv_t)
     return loss, grad

@@ -21,3 +21,6 @@ DEFAULT_PAD_ID = -1
 STATS_COLUMNS = ("max", "log_sum", "rest_max", "rest_log_sum")
 N_STATS = len(STATS_COLUMNS)
 ID_SENTINEL = 2 ** 31 - 1
+# What the gradient pass writes in a row, by the row's mode byte: the gradient, zeros (an ignored
+# row, never read) or NaN (a present id outside [0, V)).
+ROW_MODES = {"normal": 0, "zero": 1, "nan": 2}

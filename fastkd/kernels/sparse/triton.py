@@ -36,9 +36,9 @@ from . import blocks, contract
 # Sorted ids of absent entries: past every column, so no tile's walk reaches them.
 ID_SENTINEL = tl.constexpr(contract.ID_SENTINEL)
 _NEG_START = tl.constexpr(NEG_START)
-# Gradient rows: 0 normal, 1 zeros (ignored or no entry), 2 NaN (a present id outside [0, V)).
-ROW_ZERO = tl.constexpr(1)
-ROW_NAN = tl.constexpr(2)
+# Gradient rows (contract.ROW_MODES): zeros (ignored or no entry), NaN (a present id outside [0, V)).
+ROW_ZERO = tl.constexpr(contract.ROW_MODES["zero"])
+ROW_NAN = tl.constexpr(contract.ROW_MODES["nan"])
 
 N_STATS = tl.constexpr(contract.N_STATS)  # columns: contract.STATS_COLUMNS
 
@@ -134,7 +134,7 @@ def sparse_tail_grad_kernel(
     grads_ptr,  # (R, K) fp32: ∂/∂(support logit) in the order of ids, 0 at absent entries
     stats_ptr,  # (R, 4) fp32: sparse_tail_stats_kernel's
     coef_ptr,  # (R, 3) fp32: factor, shift, scale (grad_output / T)
-    mode_ptr,  # (R,) int8: 0 normal, ROW_ZERO, ROW_NAN
+    mode_ptr,  # (R,) int8: contract.ROW_MODES
     out_ptr,  # (R, V) contiguous, the student's dtype
     V, K, inner, stride_outer, stride_inner, stride_col, inv_temperature,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr,

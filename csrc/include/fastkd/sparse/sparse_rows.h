@@ -29,6 +29,8 @@ static_assert(sizeof(kSparseStatsColumns) / sizeof(NamedCode) == kNumSparseStats
 // Gradient rows (the mode byte per row): normal, all zeros (ignored), all NaN (a bad id).
 enum SparseRowMode : int8_t { kSpRowNormal = 0, kSpRowZero = 1, kSpRowNan = 2 };
 
+inline constexpr NamedCode kSparseRowModes[] = {{"normal", kSpRowNormal}, {"zero", kSpRowZero}, {"nan", kSpRowNan}};
+
 // student: (N, V) fp32|fp16|bf16 rows (any RowsView layout); ids: (N, k) int32, each row sorted
 // ascending, kSparseIdSentinel at absent entries, present ids in [0, V); active: (N,) int8, rows
 // that count (the forward reads nothing of the others).
