@@ -5,12 +5,13 @@ in BLOCK_V-column tiles (triton_rows.py layout):
   * ``sparse_tail_stats_kernel`` (forward): one read of the row giving the max and log Σ exp of all
     scaled logits and of those outside the support: the row's max, log-sum-exp and log Q_t;
   * ``sparse_tail_grad_kernel`` (backward): one read and one write: ∂/∂s_i = factor·q_i −
-    exp(log q_i + shift) off the support (buckets.tail_coefficients), the summed support gradients
-    at the k ids, zeros in ignored rows (never a product with their logits: no NaN from ±1e4),
-    NaN in rows with a present id outside [0, V).
-The support is marked without a (BLOCK_V × k) comparison: the row's ids come sorted (absent entries
-as a sentinel past every column), and each tile walks on from where the last one stopped over the
-ids below its end, about k·BLOCK_V/V of them: O(V + k) work per row, repeated ids included.
+    exp(log q_i + shift) on every column (buckets.tail_coefficients), then, after a barrier, k
+    scalar stores of the support gradients (summed over repeated ids on the host, on (R, k)) over
+    the support's columns; zeros in ignored rows (never a product with their logits: no NaN from
+    ±1e4), NaN in rows with a present id outside [0, V).
+The forward marks the support without a (BLOCK_V × k) comparison: the row's ids come sorted (absent
+entries as a sentinel past every column), and each tile walks on from where the last one stopped
+over the ids below its end, about k·BLOCK_V/V of them: O(V + k) work per row, repeats included.
 
 Around the kernels, on (R, k) tensors only (small: torch ops, buckets.py): the gather of the k
 support logits, the bucket loss, the support gradients and the sort of the ids. The renormalize
@@ -101,37 +102,28 @@ def sparse_tail_stats_kernel(
 
 
 @triton.jit
-def _grad_tile(row_ptr, out_row, ids_row, grads_row, j, nxt, start, n_cols, K, stride_col, inv_temperature,
-               row_max, log_sum, factor, shift, scale, mode, MASKED: tl.constexpr, BLOCK_V: tl.constexpr,
-               VEC: tl.constexpr):
+def _grad_tile(row_ptr, out_row, start, n_cols, stride_col, inv_temperature, row_max, log_sum, factor, shift, scale,
+               mode, MASKED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    # The tail gradient on every column, the support's included: they are overwritten afterwards.
     cols = block_columns(start, BLOCK_V, VEC)
     x = load_scaled(row_ptr, cols, stride_col, n_cols, inv_temperature, MASKED)
-    in_support = cols < 0
-    support = tl.zeros([BLOCK_V // VEC, VEC], tl.float32)
-    while nxt < start + BLOCK_V:  # repeated ids add their gradients, as a scatter-add would
-        hit = cols == nxt
-        in_support = in_support | hit
-        support = tl.where(hit, support + tl.load(grads_row + j), support)
-        j += 1
-        nxt = _next_id(ids_row, j, K)
     log_q = (x - row_max) - log_sum  # exact near the max, even for ±1e4 logits
     q = tl.exp2(log_q * LOG2E)
     tail = (factor * q - tl.exp2((log_q + shift) * LOG2E)) * scale
-    g = tl.where(in_support, support, tl.where(x == float("-inf"), 0.0, tail))
+    g = tl.where(x == float("-inf"), 0.0, tail)
     g = tl.where(mode == ROW_ZERO, 0.0, tl.where(mode == ROW_NAN, float("nan"), g))
     out_ptrs = out_row + cols
     if MASKED:
         tl.store(out_ptrs, g.to(out_row.dtype.element_ty), mask=cols < n_cols)
     else:
         tl.store(out_ptrs, g.to(out_row.dtype.element_ty))
-    return j, nxt
 
 
 @triton.jit
 def sparse_tail_grad_kernel(
     student_ptr,  # (R, V) fp32|fp16|bf16, rows addressed as layout.row_layout
-    ids_ptr,  # (R, K) int32, each row sorted, ID_SENTINEL at absent entries
-    grads_ptr,  # (R, K) fp32: ∂/∂(support logit) in the order of ids, 0 at absent entries
+    ids_ptr,  # (R, K) int32, ID_SENTINEL at absent entries (any order)
+    totals_ptr,  # (R, K) fp32: ∂/∂(support logit) summed over the entries of the same id, 0 at absent ones
     stats_ptr,  # (R, 4) fp32: sparse_tail_stats_kernel's
     coef_ptr,  # (R, 3) fp32: factor, shift, scale (grad_output / T)
     mode_ptr,  # (R,) int8: contract.ROW_MODES
@@ -142,23 +134,27 @@ def sparse_tail_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = student_ptr + row_offset(row, inner, stride_outer, stride_inner)
     out_row = out_ptr + row * V
-    ids_row = ids_ptr + row * K
-    grads_row = grads_ptr + row * K
     mode = tl.load(mode_ptr + row).to(tl.int32)
     row_max = tl.load(stats_ptr + row * N_STATS + 0)
     log_sum = tl.load(stats_ptr + row * N_STATS + 1)
     factor = tl.load(coef_ptr + row * 3 + 0)
     shift = tl.load(coef_ptr + row * 3 + 1)
     scale = tl.load(coef_ptr + row * 3 + 2)
-    j = tl.program_id(0) * 0
-    nxt = _next_id(ids_row, j, K)
     n_full = (V // BLOCK_V) * BLOCK_V
     for start in range(0, n_full, BLOCK_V):
-        j, nxt = _grad_tile(row_ptr, out_row, ids_row, grads_row, j, nxt, start, V, K, stride_col, inv_temperature,
-                            row_max, log_sum, factor, shift, scale, mode, False, BLOCK_V, VEC)
+        _grad_tile(row_ptr, out_row, start, V, stride_col, inv_temperature, row_max, log_sum, factor, shift, scale,
+                   mode, False, BLOCK_V, VEC)
     if n_full < V:
-        j, nxt = _grad_tile(row_ptr, out_row, ids_row, grads_row, j, nxt, n_full, V, K, stride_col, inv_temperature,
-                            row_max, log_sum, factor, shift, scale, mode, True, BLOCK_V, VEC)
+        _grad_tile(row_ptr, out_row, n_full, V, stride_col, inv_temperature, row_max, log_sum, factor, shift, scale,
+                   mode, True, BLOCK_V, VEC)
+    # The support's columns, k scalar stores after the row's tile stores: the barrier orders the
+    # program's global writes, so these land last. Repeated ids store the same total.
+    tl.debug_barrier()
+    for j in range(0, K):
+        col = tl.load(ids_ptr + row * K + j)
+        total = tl.load(totals_ptr + row * K + j)
+        total = tl.where(mode == ROW_ZERO, 0.0, tl.where(mode == ROW_NAN, float("nan"), total))
+        tl.store(out_row + col, total.to(out_row.dtype.element_ty), mask=col < V)
 
 
 @on_tensor_device
@@ -178,6 +174,14 @@ def tail_stats(student, sorted_ids, active, inv_temperature):
     return stats
 
 
+def _summed_over_repeats(sorted_ids, sorted_grads):
+    """(R, k): each entry's gradient summed over the entries of its row with the same id (sorted
+    rows: equal ids are adjacent, and searchsorted finds each run's first entry)."""
+    first = torch.searchsorted(sorted_ids, sorted_ids, side="left")
+    sums = torch.zeros_like(sorted_grads).scatter_add_(1, first, sorted_grads)
+    return sums.gather(1, first)
+
+
 @on_tensor_device
 def tail_grad(student, sorted_ids, sorted_grads, stats, coefficients, mode, inv_temperature):
     """The gradient (R, V) in the student's dtype: sorted_grads (R, k) fp32 at the sorted ids' columns
@@ -188,8 +192,9 @@ def tail_grad(student, sorted_ids, sorted_grads, stats, coefficients, mode, inv_
     out = torch.empty(n_rows, n_cols, dtype=student.dtype, device=student.device)
     if n_rows == 0:
         return out
+    totals = _summed_over_repeats(sorted_ids, sorted_grads.float()).contiguous()
     block_v, num_warps = launch_config(n_cols)
-    sparse_tail_grad_kernel[(n_rows,)](student, sorted_ids, sorted_grads, stats, coefficients, mode, out, n_cols,
+    sparse_tail_grad_kernel[(n_rows,)](student, sorted_ids, totals, stats, coefficients, mode, out, n_cols,
                                        sorted_ids.shape[1], inner, *row_layout(student), inv_temperature,
                                        BLOCK_V=block_v, VEC=vector_width(student), num_warps=num_warps)
     return out
