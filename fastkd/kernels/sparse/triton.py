@@ -157,6 +157,14 @@ def sparse_tail_grad_kernel(
         tl.store(out_row + col, total.to(out_row.dtype.element_ty), mask=col < V)
 
 
+def _stats_config(n_cols, vec):
+    """One 16-byte load per thread per tile (BLOCK_V = 256·VEC at 8 warps): each id of the walk
+    costs a compare over the thread's columns of the tile, so the walk's cost per row is k × the
+    columns per thread, and smaller tiles make it cheaper (the tile work per row stays V/256)."""
+    block_v, num_warps = launch_config(n_cols)
+    return min(block_v, 256 * vec), num_warps
+
+
 @on_tensor_device
 def tail_stats(student, sorted_ids, active, inv_temperature):
     """student: (R, V) fp32|fp16|bf16; sorted_ids: (R, k) int32 (blocks.sorted_support); active: (R,) bool.
@@ -167,7 +175,7 @@ def tail_stats(student, sorted_ids, active, inv_temperature):
     stats = torch.empty(n_rows, N_STATS.value, dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return stats
-    block_v, num_warps = launch_config(n_cols)
+    block_v, num_warps = _stats_config(n_cols, vector_width(student))
     sparse_tail_stats_kernel[(n_rows,)](student, sorted_ids, active.to(torch.int8), stats, n_cols,
                                         sorted_ids.shape[1], inner, *row_layout(student), inv_temperature,
                                         BLOCK_V=block_v, VEC=vector_width(student), num_warps=num_warps)
