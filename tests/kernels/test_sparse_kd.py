@@ -165,3 +165,22 @@ def test_sparse_kd_rows_opcheck_and_fullgraph_compile(backend, missing_mass):
     out = compiled(student)
     (grad,) = torch.autograd.grad(out, student)
     assert rel_err(out, eager) < 1e-6 and rel_err(grad, eager_grad) < 1e-6
+
+
+@each_backend("sparse_kd")
+def test_rows_past_2_pow_31(backend):
+    # Row r of the student starts at element r·2³⁰ of a 4 GiB bf16 buffer (reserved, only these
+    # rows touched): the last row lies past 2³¹, so the kernels' row offsets must be 64-bit.
+    vocab = 1000
+    buffer = torch.empty(2**31 + 2 * vocab, dtype=torch.bfloat16, device=DEVICE)
+    student = buffer.as_strided((3, vocab), (2**30, 1))
+    student.copy_(torch.randn(3, vocab, device=DEVICE) * 3)
+    indices, logprobs = _teacher(3, vocab, 7)
+    student.requires_grad_(True)
+    loss = fastkd.sparse_kd_loss(student, indices, logprobs, divergence="forward_kl", missing_mass="tail",
+                                 reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(loss, student)
+    ref_x = student.detach().double().requires_grad_(True)
+    ref = _tail_reference(ref_x, indices, logprobs, None, "forward_kl").sum()
+    (ref_grad,) = torch.autograd.grad(ref, ref_x)
+    assert rel_err(loss, ref) < 1e-5 and rel_err(grad.double(), ref_grad) < TOLERANCE[torch.bfloat16]
