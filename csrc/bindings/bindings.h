@@ -1,5 +1,5 @@
 // Shared by the binding files of fastkd._C: each family binds its argument structs and entry
-// points in its own file (logits.cpp, cross_entropy.cpp, sinkhorn.cpp); module.cpp binds the
+// points in its own file (logits.cpp, cross_entropy.cpp, sinkhorn.cpp, sparse.cpp); module.cpp binds the
 // common structs and the contract, and calls them.
 //
 // Conventions, for Python callers (fastkd/backends/native*.py):
@@ -39,6 +39,7 @@ void with_released_gil(F&& f) {
 void bind_logits(py::module_& m);
 void bind_cross_entropy(py::module_& m);
 void bind_sinkhorn(py::module_& m);
+void bind_sparse(py::module_& m);
 
 }  // namespace bindings
 }  // namespace fastkd

@@ -15,6 +15,7 @@
 #include "fastkd/common/rows_view.h"
 #include "fastkd/cross_entropy/contract.h"
 #include "fastkd/logits/contract.h"
+#include "fastkd/sparse/sparse_rows.h"
 
 namespace fastkd {
 namespace bindings {
@@ -42,6 +43,9 @@ py::dict contract() {
   out["standardized_stats_columns"] = column_list(kStandardizedStatsColumns);
   out["ce_stats_columns"] = column_list(kCeStatsColumns);
   out["dtype_codes"] = code_dict(kDTypeCodes);
+  out["sparse_stats_columns"] = column_list(kSparseStatsColumns);
+  out["sparse_id_sentinel"] = kSparseIdSentinel;
+  out["sparse_row_modes"] = code_dict(kSparseRowModes);
   return out;
 }
 
@@ -75,11 +79,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("contract", &b::contract,
         "The codes and layouts fastkd._C was compiled with: {'divergence_codes': {name: code}, "
         "'stats_columns': [names in column order], 'standardized_stats_columns': [...], 'ce_stats_columns': [...], "
-        "'dtype_codes': {name: code}}. "
+        "'dtype_codes': {name: code}, 'sparse_stats_columns': [...], 'sparse_id_sentinel': int, "
+        "'sparse_row_modes': {name: code}}. "
         "fastkd.backends.native.check_contract compares them with Python's.");
   m.attr("with_cuda") = fastkd::built_with_cuda();
   b::bind_rows_view(m);
   b::bind_logits(m);
   b::bind_cross_entropy(m);
   b::bind_sinkhorn(m);
+  b::bind_sparse(m);
 }

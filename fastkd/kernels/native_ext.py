@@ -10,9 +10,10 @@ import torch
 
 from .layout import row_layout, row_shape
 from .logits import contract as logits_contract
+from .sparse import contract as sparse_contract
 
 # The Python side of the contract with fastkd._C (the C++ side: csrc/include/fastkd/common/dtypes.h,
-# logits/contract.h, cross_entropy/contract.h; exported by fastkd._C.contract()). check_contract
+# logits/contract.h, cross_entropy/contract.h, sparse/sparse_rows.h; exported by fastkd._C.contract()). check_contract
 # compares the two, so a build compiled against other codes is caught at import (the registry
 # reports it unavailable), not in a result. The divergence codes and statistics columns are the
 # logits families' contract (logits/contract.py); the dtype codes belong to the extension alone.
@@ -27,6 +28,9 @@ def expected_contract():
         "standardized_stats_columns": list(logits_contract.STANDARDIZED_STATS_COLUMNS),
         "ce_stats_columns": list(logits_contract.CE_STATS_COLUMNS),
         "dtype_codes": {str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()},
+        "sparse_stats_columns": list(sparse_contract.STATS_COLUMNS),
+        "sparse_id_sentinel": sparse_contract.ID_SENTINEL,
+        "sparse_row_modes": dict(sparse_contract.ROW_MODES),
     }
 
 

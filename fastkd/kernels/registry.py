@@ -124,10 +124,15 @@ ROWS = (
                    "fastkd.kernels.fused_linear.vocab_parallel", features=FEATURES),
 
     Implementation("sparse_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SPARSE),
-    Implementation("sparse_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SPARSE,
-                   note="the torch implementation: there is no Triton sparse-teacher kernel"),
-    Implementation("sparse_kd", "native", ("cpu", "cuda"), _FLOATS, 5, _TORCH_SPARSE,
-                   note="the torch implementation: fastkd._C has no sparse-teacher kernel"),
+    # sparse/triton.py: the tail mode's V passes (one read forward, one read + one write backward);
+    # renormalize reads k logits per row (torch's gather/scatter, no V pass to fuse).
+    Implementation("sparse_kd", "triton", ("cuda",), _FLOATS, 30, "fastkd.kernels.sparse.triton"),
+    Implementation("sparse_kd", "triton", ("cpu",), _FLOATS, 0, "fastkd.kernels.sparse.triton"),
+    # sparse/native.py: csrc/sparse/cpu.cpp, the same passes on the CPU (fwd+bwd 5.7-7.2x the torch
+    # backend at N=1024, V=32000, k=64, docs/perf-notes.md 2026-12-07); no CUDA C++ kernel yet.
+    Implementation("sparse_kd", "native", ("cpu",), _FLOATS, 30, "fastkd.kernels.sparse.native"),
+    Implementation("sparse_kd", "native", ("cuda",), _FLOATS, 5, _TORCH_SPARSE,
+                   note="the torch implementation: fastkd._C has no CUDA sparse-teacher kernel"),
 
     Implementation("sampled_kd", "torch", None, _ALL_FLOATS, 10, _TORCH_SAMPLED),
     Implementation("sampled_kd", "triton", ("cuda", "cpu"), _FLOATS, 5, _TORCH_SAMPLED,

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from . import gpus, metrics, sass, triton_cases
 
-FAMILY_ORDER = ("kd_rows", "kl_div", "ce", "sinkhorn")
+FAMILY_ORDER = ("kd_rows", "kl_div", "ce", "sparse_kd", "sinkhorn")
 TARGET_CASE = dict(dtype="bfloat16", size="V=128256", arch=90)
 
 
@@ -44,7 +44,8 @@ def method(toolchain):
         for g in gpus.GPUS.values())
     c = triton_cases
     cases = dict(vocabs=", ".join(map(str, c.VOCABS)), rows=c.ROWS, batch=c.BATCH, sequence=c.SEQUENCE,
-                 sizes="{" + ", ".join(map(str, c.SINKHORN_SIZES)) + "}", problems=c.SINKHORN_PROBLEMS)
+                 sizes="{" + ", ".join(map(str, c.SINKHORN_SIZES)) + "}", problems=c.SINKHORN_PROBLEMS,
+                 sparse_vocabs=" and ".join(map(str, c.SPARSE_VOCABS)), top_k=c.SPARSE_TOP_K)
     return f"""## How the numbers are made
 
 Every Triton kernel is compiled for each target with `triton.compile` at exactly the
@@ -58,7 +59,8 @@ flags of setup.py). The machine code is read with nvdisasm. Toolchain: {toolchai
 Cases (scripts/kreport/triton_cases.py): the logits families at V = {cases['vocabs']}, fp32 and bf16, as
 contiguous rows (N = {cases['rows']}, no labels) and as the shifted view `logits[:, :-1]` of ({cases['batch']}, {cases['sequence']}, V)
 with labels; V = 32000 and 128256 are both multiples of 16 and share one specialisation (their
-rows are merged). Sinkhorn at n = m ∈ {cases['sizes']}, B = {cases['problems']} problems, a shared (n, m) or a
+rows are merged). The sparse (top-k) teacher's tail-mode passes at V = {cases['sparse_vocabs']}, k = {cases['top_k']},
+fp32 and bf16, on contiguous rows. Sinkhorn at n = m ∈ {cases['sizes']}, B = {cases['problems']} problems, a shared (n, m) or a
 batched (B, n, m) fp32 cost, with every gradient mode (none, envelope, unrolled with and without
 the cost gradient) and the plan returned or not.
 

@@ -25,6 +25,11 @@ ROWS = 8192
 BATCH, SEQUENCE = 2, 4096  # the shifted view logits[:, :-1] of (BATCH, SEQUENCE, V)
 IGNORE_INDEX = -100
 
+# Sparse (top-k) teacher: k = 64 stored ids per token, on Llama-2 and Llama-3 vocabularies. The op
+# and the fused driver hand the kernels contiguous (rows, V) logits (2-D only).
+SPARSE_VOCABS = (32000, 128256)
+SPARSE_TOP_K = 64
+
 # Sinkhorn: problems of n = m classes; B = 256 problems (a WKD batch).
 SINKHORN_SIZES = (16, 64, 128, 1000)
 SINKHORN_PROBLEMS = 256
@@ -149,6 +154,24 @@ def logits_cases():
             yield from _ce_cases(vocab, dtype)
 
 
+def sparse_cases():
+    # The tail mode's two V passes; the bucket math around them is torch ops on (rows, k).
+    launchers = registry.implementation("sparse_kd", "triton", "cuda")
+    ids = _meta(ROWS, SPARSE_TOP_K, dtype=torch.int32)
+    for vocab in SPARSE_VOCABS:
+        for dtype in LOGITS_DTYPES:
+            def forward(vocab=vocab, dtype=dtype):
+                launchers.tail_stats(_meta(ROWS, vocab, dtype=dtype), ids, _meta(ROWS, dtype=torch.bool), 0.5)
+
+            def backward(vocab=vocab, dtype=dtype):
+                launchers.tail_grad(_meta(ROWS, vocab, dtype=dtype), ids, _meta(ROWS, SPARSE_TOP_K), _meta(ROWS, 4),
+                                    _meta(ROWS, 3), _meta(ROWS, dtype=torch.int8), 0.5)
+
+            for direction, call in (("forward", forward), ("backward", backward)):
+                yield Case("sparse_kd", direction, f"tail, k={SPARSE_TOP_K}", _dtype_name(dtype), f"V={vocab}",
+                           "rows (N, V)", call)
+
+
 def sinkhorn_cases():
     forward_launchers = registry.implementation("sinkhorn", "triton", "cuda")
     backward_launchers = registry.implementation("sinkhorn_backward", "triton", "cuda")
@@ -180,4 +203,4 @@ def sinkhorn_cases():
 
 
 def all_cases():
-    return list(logits_cases()) + list(sinkhorn_cases())
+    return list(logits_cases()) + list(sparse_cases()) + list(sinkhorn_cases())

@@ -28,6 +28,9 @@ DOCUMENTED_CONTRACT = {
                                    "std_t"],
     "ce_stats_columns": ["max", "log_sum"],
     "dtype_codes": {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3},
+    "sparse_stats_columns": ["max", "log_sum", "rest_max", "rest_log_sum"],
+    "sparse_id_sentinel": 2 ** 31 - 1,
+    "sparse_row_modes": {"normal": 0, "zero": 1, "nan": 2},
 }
 
 

@@ -14,3 +14,13 @@ SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 TAIL_FLOOR = 1e-12
 # The id that marks an absent entry by default: topk_cache's PAD_ID (ids are ≥ 0 otherwise).
 DEFAULT_PAD_ID = -1
+
+# The tail mode's kernels (sparse/triton.py, csrc/sparse/cpu.cpp; exported by fastkd._C.contract()):
+# columns of their (N, 4) fp32 per-row statistics, max and log Σ exp(s − max) of the scaled row and
+# of its columns off the support, and the id that sorts absent entries past every column.
+STATS_COLUMNS = ("max", "log_sum", "rest_max", "rest_log_sum")
+N_STATS = len(STATS_COLUMNS)
+ID_SENTINEL = 2 ** 31 - 1
+# What the gradient pass writes in a row, by the row's mode byte: the gradient, zeros (an ignored
+# row, never read) or NaN (a present id outside [0, V)).
+ROW_MODES = {"normal": 0, "zero": 1, "nan": 2}

@@ -42,7 +42,8 @@ import torch
 
 from ... import divergences
 from ..layout import clamped_ids, compute_dtype, row_chunks
-from .contract import TAIL_FLOOR
+from . import blocks, buckets
+from .blocks import support_loss  # noqa: F401  (the fused support path's entry, kernels.support_loss)
 
 # Elements of one (rows × V) temporary, as the logits families' torch implementation.
 CHUNK_ELEMENTS = 1 << 20
@@ -61,77 +62,14 @@ def _log_mass_outside(s, index, present, row_max, log_sum):
     return ((rest - shift[:, None]).exp().sum(-1).log() + (shift - row_max)) - log_sum, rest
 
 
-def _tvd_factors(lq, lp):
-    """½·sign(Q_b − P_b) − aux per bucket (R, B), aux = ½·Σ sign·Q, written as sums over the
-    buckets of the other sign (Σ Q = 1): a student sure of one token has ½ − aux ≈ 0, which the
-    difference would leave as fp32 rounding of 1."""
-    sign = torch.sign(lq - lp).nan_to_num_(0.0)  # both -inf: an empty bucket, sign 0
-    q = lq.exp()
-    q_pos, q_neg, q_zero = ((q * (sign == v)).sum(-1, keepdim=True) for v in (1.0, -1.0, 0.0))
-    return torch.where(sign > 0, q_neg + 0.5 * q_zero, torch.where(sign < 0, -(q_pos + 0.5 * q_zero),
-                                                                   0.5 * (q_neg - q_pos)))
-
-
 def _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux):
     """∂L/∂s_i for every i, as if i were in the tail bucket (the support's entries are replaced
-    by the caller): q_i times the tail bucket's factor. (R, V)."""
+    by the caller): factor·q_i − exp(log q_i + shift) (buckets.tail_coefficients). (R, V)."""
     log_q = divergences.log_probs(s, row_max, log_sum)
-    lq_t, lp_t = lq[:, -1:], lp[:, -1:]
-    has_tail = lq_t > -math.inf
+    factor, shift = buckets.tail_coefficients(spec, lq, lp, loss, aux)
     if spec.name == "forward_kl":
-        # q_i − exp(log q_i + log P_t − log Q_t): in log space, as P_t/Q_t may overflow.
-        shift = torch.where(has_tail, lp_t - lq_t, -math.inf)
-        return log_q.exp() - (log_q + shift).exp()
-    if spec.name == "reverse_kl":
-        factor = lq_t - lp_t - loss[:, None]
-    elif spec.name == "tvd":
-        factor = _tvd_factors(lq, lp)[:, -1:]
-    elif spec.name == "jsd":
-        lm_t = torch.logaddexp(lp_t + spec.log_param, lq_t + spec.log1m_param)
-        factor = (1 - spec.param) * (lq_t - lm_t - aux[:, None])
-    else:
-        raise AssertionError(spec.name)
-    return log_q.exp_().mul_(torch.where(has_tail, factor, 0.0))
-
-
-def _renormalized(s_support, teacher_log, present, has_support):
-    """Bucket log-probs (lp, lq) (R, k) of the renormalize mode."""
-    # A row without entries would be all -inf (NaN softmax): it is dropped later, give it zeros.
-    empty = ~has_support[:, None]
-    lp = torch.log_softmax(teacher_log.masked_fill(empty, 0.0), -1)
-    lq = torch.log_softmax(s_support.masked_fill(~present, -math.inf).masked_fill_(empty, 0.0), -1)
-    return lp, lq
-
-
-def _bucket_grad(spec, lq, lp, aux):
-    if spec.name == "tvd":
-        return lq.exp() * _tvd_factors(lq, lp)
-    return divergences.grad_scaled_student(spec, lq, lp, aux)
-
-
-def support_loss(support_logits, indices, logprobs, vocab, labels, spec, ignore_index, scale=None):
-    """The renormalize mode from the student's logits at the support only.
-
-    support_logits: (R, k) the student's logits at ``indices`` (R, k) (any values where an id is
-    outside [0, V)); logprobs: (R, k), -inf where absent; labels: (R,) or None.
-    Returns (loss (R,), ∂(Σ scale·loss)/∂support_logits (R, k) or None without ``scale``, both in
-    the compute dtype; 0 at absent entries and inactive rows, NaN in rows with a present id outside
-    [0, V)).
-    """
-    dtype = compute_dtype(support_logits, logprobs)
-    teacher_log = logprobs.to(dtype) * spec.inv_temperature
-    present = teacher_log != -math.inf
-    bad_row = (present & ((indices < 0) | (indices >= vocab))).any(-1)
-    has_support = present.any(-1)
-    active = has_support if labels is None else has_support & (labels != ignore_index)
-    lp, lq = _renormalized(support_logits.to(dtype) * spec.inv_temperature, teacher_log, present, has_support)
-    loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
-    loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
-    if scale is None:
-        return loss, None
-    grad = _bucket_grad(spec, lq, lp, aux) * (scale.to(dtype) * spec.inv_temperature)[:, None]
-    grad = torch.where(present & active[:, None], grad, 0.0)  # where, not a product: no NaN leaks
-    return loss, grad.masked_fill_((bad_row & active)[:, None], math.nan)
+        return log_q.exp() - (log_q + shift[:, None]).exp()
+    return log_q.exp_().mul_(factor[:, None])
 
 
 def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ignore_index, scale=None):
@@ -149,26 +87,14 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     # default path never synchronises; gathering at clamped ids keeps the kernels in bounds.
     index, bad_row = clamped_ids(indices, present, vocab)
     if missing_mass == "renormalize":
-        # Only the k logits of the support are read: no (R, V) temporary but the gradient itself.
-        loss, support_grad = support_loss(student_logits.gather(1, index), indices, logprobs, vocab, labels, spec,
-                                          ignore_index, scale)
-        if scale is None:
-            return loss, None
-        grad = torch.zeros_like(student_logits).scatter_add_(1, index, support_grad.to(student_logits.dtype))
-        return loss, grad.masked_fill_(support_grad.isnan().any(-1, keepdim=True), math.nan)
+        return blocks.renormalize_block(student_logits, indices, logprobs, labels, spec, ignore_index, scale)
     has_support = present.any(-1)
     active = has_support if labels is None else has_support & (labels != ignore_index)
     s = student_logits.to(dtype) * spec.inv_temperature
     s_support = s.gather(1, index).masked_fill_(~present, -math.inf)
     row_max, log_sum = divergences.log_softmax_parts(s)
     log_q_tail, rest = _log_mass_outside(s, index, present, row_max, log_sum)
-    floor = TAIL_FLOOR if spec.name == "reverse_kl" else 0.0
-    p_tail = (1 - teacher_log.exp().sum(-1)).clamp(min=floor)
-    # No student mass outside the support (k = V, or -inf logits there): the tail bucket does
-    # not exist, and the teacher's leftover is rounding; keeping it would make forward KL inf.
-    p_tail = torch.where(log_q_tail > -math.inf, p_tail, 0.0)
-    lp = torch.cat([teacher_log, p_tail.log()[:, None]], 1)
-    lq = torch.cat([(s_support - row_max[:, None]) - log_sum[:, None], log_q_tail[:, None]], 1)
+    lp, lq = buckets.tail_buckets(spec, teacher_log, s_support, row_max, log_sum, log_q_tail)
     loss, aux = divergences.row_loss_and_aux(spec, lq, lp)
     loss = torch.where(active, torch.where(bad_row, math.nan, loss), 0.0)
     if scale is None:
@@ -176,7 +102,8 @@ def block_loss(student_logits, indices, logprobs, labels, spec, missing_mass, ig
     row_scale = (scale.to(dtype) * spec.inv_temperature)[:, None]
     # Absent entries add 0 wherever their (arbitrary) id points; inactive rows add 0 (where, not a
     # product: a NaN in an ignored row must not leak).
-    support_grad = torch.where(present & active[:, None], _bucket_grad(spec, lq, lp, aux)[:, :-1] * row_scale, 0.0)
+    support_grad = buckets.bucket_grad(spec, lq, lp, aux)[:, :-1] * row_scale
+    support_grad = torch.where(present & active[:, None], support_grad, 0.0)
     grad = _tail_grad(spec, s, row_max, log_sum, lq, lp, loss, aux)
     grad = torch.where((rest == -math.inf) | ~active[:, None], 0.0, grad.mul_(row_scale))
     grad = grad.scatter_add_(1, index, support_grad).to(student_logits.dtype)
