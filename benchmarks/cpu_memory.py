@@ -30,19 +30,32 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _TIMEOUT_S = 600
 
 
-def measure(case, provider_name, modes):
-    """Returns ({mode: extra bytes} or None, a reason when None). ``modes`` in MODES order."""
-    payload = json.dumps({"case": asdict(case), "provider": provider_name, "modes": list(modes)})
+def run_probe(module, request):
+    """Runs ``python -m <module> <request as JSON>`` in a fresh process from the repository root (a
+    high-water mark only grows: one process per measurement). Returns (the last line it printed,
+    "") or (None, why it gave none)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.cpu_memory", payload], cwd=REPO_ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", module, json.dumps(request)], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return None, f"memory probe timed out after {_TIMEOUT_S} s"
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"memory probe failed: {last}"
-    return json.loads(done.stdout.strip().splitlines()[-1]), ""
+        return None, "memory probe failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return done.stdout.strip().splitlines()[-1], ""
+
+
+def peak_mib(module, request):
+    """(Peak extra MiB a probe printed in bytes, "") or (None, why)."""
+    line, why = run_probe(module, request)
+    return (None, why) if line is None else (float(line) / (1 << 20), "")
+
+
+def measure(case, provider_name, modes):
+    """Returns ({mode: extra bytes} or None, a reason when None). ``modes`` in MODES order."""
+    line, why = run_probe("benchmarks.cpu_memory", {"case": asdict(case), "provider": provider_name,
+                                                    "modes": list(modes)})
+    return (None, why) if line is None else (json.loads(line), "")
 
 
 def _proc_status_bytes(field):

@@ -26,11 +26,8 @@ resident high-water mark of a fresh process per provider (loss and gradients inc
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,6 +35,7 @@ import torch
 import fastkd
 
 from . import report
+from . import cpu_memory
 from .cpu_memory import _high_water_bytes, _resident_bytes
 from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
 from .progress import case_label, provider_label
@@ -45,8 +43,6 @@ from .providers import timed_backends
 
 _MIB = 1 << 20
 BETA = 0.5
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -229,16 +225,7 @@ def _check(result, reference, case):
 
 def _cpu_peak_mib(case, provider_name, suite_name):
     """Peak extra resident memory of one fwd+bwd step in a fresh process (MiB), or None and a reason."""
-    payload = json.dumps({"case": asdict(case), "provider": provider_name, "suite": suite_name})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.fused_linear", payload], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return None, f"memory probe timed out after {_TIMEOUT_S} s"
-    if done.returncode != 0:
-        return None, "memory probe failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return float(done.stdout.strip().splitlines()[-1]) / _MIB, ""
+    return cpu_memory.peak_mib("benchmarks.fused_linear", {"case": asdict(case), "provider": provider_name, "suite": suite_name})
 
 
 def _memory_child(payload):

@@ -14,25 +14,21 @@ on a GPU: fused_linear_topk ≤ 1.1× the GEMM. Run by ``python -m benchmarks --
 """
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
 import fastkd
 
 from . import report
+from . import cpu_memory
 from .cpu_memory import _high_water_bytes, _resident_bytes
 from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
 from .progress import case_label, provider_label
 from .providers import timed_backends
 
 _MIB = 1 << 20
-_TIMEOUT_S = 600
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -115,16 +111,7 @@ def _check(result, ref, case):
 
 def _cpu_peak_mib(case, provider):
     """Peak extra resident memory of one step in a fresh process, or None and a reason."""
-    payload = json.dumps({"case": asdict(case), "provider": provider})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.topk", payload], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return None, f"memory probe timed out after {_TIMEOUT_S} s"
-    if done.returncode != 0:
-        return None, "memory probe failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return float(done.stdout.strip().splitlines()[-1]) / _MIB, ""
+    return cpu_memory.peak_mib("benchmarks.topk", {"case": asdict(case), "provider": provider})
 
 
 def _memory_child(payload):

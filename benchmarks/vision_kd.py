@@ -14,11 +14,8 @@ CPU target: DKD at B = 1024, C = 1000 ≥ 2× eager. Run by ``python -m benchmar
 """
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +24,12 @@ import fastkd
 from fastkd.kernels import registry
 
 from . import report
+from . import cpu_memory
 from .cpu_memory import _high_water_bytes, _resident_bytes
 from .harness import cuda_peak_extra_bytes, time_cpu, time_cuda
 from .providers import timed_backends
 
 _MIB = 1 << 20
-REPO_ROOT = Path(__file__).resolve().parent.parent
 ALPHA, BETA = 1.0, 8.0  # mdistiller's CIFAR-100 DKD setting
 TEMPERATURE = {"dkd": 4.0, "kd_std": 2.0}
 
@@ -142,14 +139,8 @@ def _step(loss_fn, student, teacher, target):
 # --- memory in a fresh process (CPU) ----------------------------------------------------------
 
 def _cpu_memory(case, provider):
-    payload = json.dumps({"case": asdict(case), "provider": provider})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.vision_kd", payload], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    line, _ = cpu_memory.run_probe("benchmarks.vision_kd", {"case": asdict(case), "provider": provider})
+    return None if line is None else json.loads(line)
 
 
 def _memory_child(payload):
