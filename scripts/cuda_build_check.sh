@@ -37,9 +37,12 @@ missing = [name for name in ("kd_rows_forward_cuda", "kd_rows_backward_cuda", "d
                              "kl_div_rows_backward_cuda", "ce_rows_forward_cuda", "ce_rows_backward_cuda",
                              "sinkhorn_forward_cuda") if not hasattr(module, name)]
 assert not missing, missing
-assert set(module.contract()) == {"divergence_codes", "stats_columns", "standardized_stats_columns",
-                                  "ce_stats_columns", "dtype_codes"}
-print("loads: with_cuda=True, CUDA entry points and contract() present")
+# The same contract the package checks at import (fastkd/kernels/native_ext.py), every key and value.
+sys.path.insert(0, ".")
+from fastkd.kernels.native_ext import check_contract, expected_contract
+problem = check_contract(module, expected_contract())
+assert problem is None, problem
+print("loads: with_cuda=True, CUDA entry points present, contract() equal to the package's")
 PY
 
 # Device code: the fat binary section must exist and name the kernels of every family.
