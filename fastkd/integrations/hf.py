@@ -128,8 +128,8 @@ def distillation_loss(
             skew, alpha, temperature_squared, soft_weight, hard_weight, vocab_size, standardize,
             ignore_index, reduction, return_entropy, fp32_logits, backend), and ``teacher_top_k``:
             a sparse teacher, its top-k tokens taken from its hidden states by
-            :func:`fastkd.fused_linear_topk` (divergences "forward_kl", "reverse_kl"; with
-            ``missing_mass``), and ``process_group``: the vocabulary split over the group's ranks
+            :func:`fastkd.fused_linear_topk` (the sparse divergences "forward_kl", "reverse_kl", "jsd",
+            "tvd"; only the first two with ``process_group``; with ``missing_mass``), and ``process_group``: the vocabulary split over the group's ranks
             (see :func:`hidden_states_loss`). vocab_size defaults to the smaller lm_head when they differ.
 
     Returns:

@@ -18,7 +18,7 @@ else by the number of tokens in the loss.
 the sampled tokens), ``vocab_size`` (heads padded differently), ``teacher_top_k`` and ``missing_mass``
 (a sparse teacher: its top-k tokens from its hidden states), ``fp32_logits``, ``backend``, and
 ``process_group``: the vocabulary split over a tensor-parallel group whose ranks hold the same batch
-(each rank forms only its slice of the logits; fastkd/integrations/vocab_parallel.py).
+(the fused loss over each rank's lm_head rows; fastkd/integrations/vocab_parallel.py).
 
 Needs TRL and transformers: ``pip install fastkd[hf]``.
 """
@@ -33,6 +33,7 @@ except ImportError as error:  # pragma: no cover - exercised by a subprocess tes
     raise ImportError(f"fastkd.integrations.trl needs TRL (>= 1.16) and transformers: pip install fastkd[hf] "
                       f"({error})") from error
 
+from ..kernels.sparse.contract import SPARSE_DIVERGENCES
 from . import hf
 
 __all__ = ["DistillationTrainer", "GKDTrainer"]
@@ -67,9 +68,12 @@ def _loss_options(options, beta, temperature):
 
 def _check_sparse(options, beta):
     divergence = _loss_options(options, beta, 1.0)["divergence"]
-    if options.get("teacher_top_k") is not None and divergence not in ("forward_kl", "reverse_kl"):
-        raise ValueError(f"fastkd_options teacher_top_k (a sparse teacher) needs divergence 'forward_kl' or "
-                         f"'reverse_kl' (beta 0 or 1); got {divergence!r} (beta={beta})")
+    parallel = options.get("process_group") is not None
+    allowed = ("forward_kl", "reverse_kl") if parallel else SPARSE_DIVERGENCES
+    if options.get("teacher_top_k") is not None and divergence not in allowed:
+        raise ValueError(f"fastkd_options teacher_top_k (a sparse teacher) needs divergence "
+                         f"{' or '.join(map(repr, allowed))}{' with process_group' if parallel else ''}; "
+                         f"got {divergence!r} (beta={beta})")
 
 
 class DistillationTrainer(_trl.DistillationTrainer):

@@ -114,6 +114,7 @@ def test_distillation_trainer_num_items_and_compute_loss(distillation):
 
 @pytest.mark.parametrize("options,beta", [({"divergence": "reverse_kl"}, 1.0),
                                           ({"teacher_top_k": VOCAB, "divergence": "forward_kl"}, 0.0),
+                                          ({"teacher_top_k": VOCAB}, 0.5),  # JSD on a whole-vocabulary top-k
                                           ({"divergence": "forward_kl", "backend": "torch"}, 0.0)])
 def test_fastkd_options_reach_the_loss(distillation, options, beta):
     trainer = distillation(beta=0.5, fastkd_options=options)
@@ -143,7 +144,7 @@ def test_unknown_option_is_a_clear_error(distillation):
     with pytest.raises(ValueError, match="fastkd_options"):
         distillation(fastkd_options={"divergance": "jsd"})
     with pytest.raises(ValueError, match="teacher_top_k"):
-        distillation(beta=0.5, fastkd_options={"teacher_top_k": 8})
+        distillation(beta=0.5, fastkd_options={"teacher_top_k": 8, "divergence": "skew_forward_kl"})
 
 
 @pytest.fixture
