@@ -8,8 +8,6 @@ code on (N,) tensors.
 
 import math
 
-import torch
-
 from ..kernels import registry
 from ..kernels.layout import compute_dtype
 from ..kernels.logits.contract import stats_width

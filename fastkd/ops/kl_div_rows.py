@@ -3,8 +3,6 @@ terms, and their gradient with respect to the input. Reductions happen outside, 
 
 import math
 
-import torch
-
 from ..kernels import registry
 from ..kernels.layout import compute_dtype
 from ..options import KLDivOptions
